@@ -1,0 +1,1 @@
+"""Data: raw multimodal shards (writing, reading, decoding), the embedded synthetic scenes, import."""
