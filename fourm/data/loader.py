@@ -1,0 +1,207 @@
+"""Reading raw multimodal shards: a WebDataset pipeline that shuffles, decodes, selects
+modalities and batches, and that survives bad data.
+
+Counts are events: a truncated or unreadable shard counts once (the samples it still held are
+unknown), every other reason once per dropped sample. A truncated shard, an unreadable shard, a member that does not decode, a sample without a
+requested modality or with inconsistent sizes is skipped with a warning and counted by reason.
+The counts live in shared memory, so they include what DataLoader worker processes skipped:
+``SkipCounter.as_dict()`` in the main process gives the totals.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing as mp
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+
+import torch
+import webdataset as wds
+
+from fourm.data.codecs import CorruptMember, decode_member
+from fourm.data.shards import expand_shards
+from fourm.modalities import IMAGE_MODALITIES, MODALITIES, parse_modalities
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("unreadable_shard", "truncated_shard", "corrupt_member", "missing_modality", "inconsistent_sample", "other")
+_WARN_FIRST = 20  # per process: warn for the first skips, then every 1000th
+
+
+class SkippedSample(ValueError):
+    """Raised inside the pipeline to drop one sample; ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def classify_error(exn: BaseException) -> str:
+    """Map an exception raised while reading shards to a skip reason."""
+    if isinstance(exn, SkippedSample):
+        return exn.reason
+    if isinstance(exn, CorruptMember):
+        return "corrupt_member"
+    if isinstance(exn, EOFError) or "unexpected end of data" in str(exn):
+        return "truncated_shard"
+    if isinstance(exn, (tarfile.TarError, OSError)):
+        return "unreadable_shard"
+    if isinstance(exn, ValueError) and "duplicate file name" in str(exn):
+        return "corrupt_member"
+    return "other"
+
+
+def _shard_named_in(exn: BaseException) -> str | None:
+    match = re.search(r"([^\s'\"<>]+\.tar)\b", " ".join(str(a) for a in exn.args))
+    return match.group(1) if match else None
+
+
+class SkipCounter:
+    """Counts of skipped samples (or shard remainders) per reason, shared across processes."""
+
+    def __init__(self) -> None:
+        self._counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+        self._lock = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None).Lock()
+        self._seen = 0  # per process, for rate-limiting warnings
+        self._last_broken_shard: str | None = None
+
+    def record(self, exn: BaseException) -> bool:
+        """Count ``exn`` by reason and log it; returns True (continue) for use as a wds handler."""
+        reason = classify_error(exn)
+        if reason in ("truncated_shard", "unreadable_shard"):
+            # webdataset reports a broken shard once from the member loop and once from the shard
+            # loop: count each shard once
+            shard = _shard_named_in(exn)
+            if shard is not None and shard == self._last_broken_shard:
+                return True
+            self._last_broken_shard = shard
+        with self._lock:
+            self._counts[SKIP_REASONS.index(reason)] += 1
+        self._seen += 1
+        if self._seen <= _WARN_FIRST or self._seen % 1000 == 0:
+            log.warning("skipped (%s): %s", reason, " ".join(str(a) for a in exn.args if a is not None)[:300])
+        return True
+
+    def as_dict(self) -> dict[str, int]:
+        """``{reason: count}`` for every reason (zeros included), plus ``total``."""
+        counts = {r: int(c) for r, c in zip(SKIP_REASONS, self._counts.tolist())}
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def decode_sample(sample: dict, modalities: tuple[str, ...]) -> dict:
+    """Raw wds sample (member suffix -> bytes) -> ``{"__key__", modality: decoded, ...}``.
+
+    Image-like modalities must agree on height and width; depth must be finite.
+    Raises:
+        SkippedSample: a requested modality is missing or the sample is inconsistent.
+        CorruptMember: a member does not decode.
+    """
+    key = sample.get("__key__", "?")
+    where = f"{key} in {os.path.basename(str(sample.get('__url__', '?')))}"
+    out: dict = {"__key__": key}
+    for name in modalities:
+        member = MODALITIES[name].member
+        if member not in sample:
+            raise SkippedSample("missing_modality", f"{where}: no {member}")
+        try:
+            out[name] = decode_member(name, sample[member])
+        except CorruptMember as exn:
+            raise CorruptMember(exn.member, f"{where}: {exn}") from None
+    sizes = {name: tuple(out[name].shape[-2:]) for name in modalities if name in IMAGE_MODALITIES}
+    if len(set(sizes.values())) > 1:
+        raise SkippedSample("inconsistent_sample", f"{where}: image sizes differ {sizes}")
+    if "depth" in out and not torch.isfinite(out["depth"]).all():
+        raise SkippedSample("inconsistent_sample", f"{where}: non-finite depth")
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch decoded samples: tensors are stacked (B, ...), everything else becomes a list."""
+    batch: dict = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot batch {name} of different shapes {sorted(shapes)}; resize the data to one resolution (import_folder.py --res)")
+            batch[name] = torch.stack(values)
+        else:
+            batch[name] = values
+    return batch
+
+
+@dataclass
+class LoaderConfig:
+    """How to read raw shards.
+
+    Attributes:
+        modalities: modalities every sample must have (others in the shard are ignored).
+        batch_size: samples per batch.
+        shuffle: sample shuffle buffer size; 0 keeps shard order (evaluation).
+        num_workers: DataLoader worker processes; shards are split between them (and between
+            ranks under torch.distributed).
+        seed: seed for shard and sample shuffling.
+        repeat: cycle through the shards forever (training) instead of one pass.
+        drop_last: drop a final partial batch.
+    """
+
+    modalities: tuple[str, ...] = ("rgb", "depth", "semseg", "boxes", "caption")
+    batch_size: int = 16
+    shuffle: int = 1000
+    num_workers: int = 2
+    seed: int = 0
+    repeat: bool = False
+    drop_last: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def build_dataset(shards, config: LoaderConfig, counter: SkipCounter, transform=None) -> wds.DataPipeline:
+    """The iterable dataset of batches over ``shards`` (a directory, brace pattern, glob or list).
+
+    ``transform``, if given, maps one decoded sample dict to another before batching.
+    """
+    urls = expand_shards(shards)
+    if not urls:
+        raise FileNotFoundError(f"no shards found at {shards}")
+    modalities = parse_modalities(config.modalities)
+    handler = counter.record
+    stages: list = [
+        wds.ResampledShards(urls, seed=config.seed) if config.repeat else wds.SimpleShardList(urls, seed=config.seed),
+    ]
+    if not config.repeat:
+        if config.shuffle:
+            stages.append(wds.shuffle(len(urls), seed=config.seed))
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=handler))
+    if config.shuffle:
+        stages.append(wds.shuffle(config.shuffle, initial=min(config.shuffle, 100), seed=config.seed))
+    stages.append(wds.map(functools.partial(decode_sample, modalities=modalities), handler=handler))
+    if transform is not None:
+        stages.append(wds.map(transform, handler=handler))
+    stages.append(wds.batched(config.batch_size, collation_fn=collate, partial=not config.drop_last))
+    return wds.DataPipeline(*stages)
+
+
+def build_loader(shards, config: LoaderConfig | None = None, transform=None) -> tuple[wds.WebLoader, SkipCounter]:
+    """A DataLoader of batches (see ``collate``) and the counter of what was skipped.
+
+    Example:
+        >>> loader, skipped = build_loader("data/train", LoaderConfig(batch_size=8))
+        >>> for batch in loader: batch["rgb"].shape   # (8, 3, H, W) uint8
+        >>> skipped.as_dict()                          # {"truncated_shard": 0, ..., "total": 0}
+    """
+    config = config or LoaderConfig()
+    counter = SkipCounter()
+    dataset = build_dataset(shards, config, counter, transform)
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+        multiprocessing_context="fork" if config.num_workers and "fork" in mp.get_all_start_methods() else None,
+    )
+    return loader, counter
