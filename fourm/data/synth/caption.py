@@ -64,7 +64,10 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
 
     text = placed(order[0], order[1], definite=False)
     for k in range(2, len(order)):
-        ref = order[int(rng.integers(k))]
+        # relate to an earlier object with another label when there is one, so that
+        # "a large red cube left of the large red cube" cannot happen
+        earlier = [o for o in order[:k] if o.label != order[k].label] or order[:k]
+        ref = earlier[int(rng.integers(len(earlier)))]
         text += _JOINERS[int(rng.integers(len(_JOINERS)))] + placed(order[k], ref, definite=True)
     template = _OPENERS_MANY[int(rng.integers(len(_OPENERS_MANY)))]
     return template.format(s=text)

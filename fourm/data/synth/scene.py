@@ -25,9 +25,9 @@ COLORS = {
     "yellow": (255, 238, 51),
 }
 # characteristic half-extent in metres: sphere/cylinder radius, cube half side (cubes look larger)
-SIZES = {"small": 0.35, "large": 0.7}
+SIZES = {"small": 0.4, "large": 0.75}
 CUBE_SCALE = 0.85
-PLACEMENT_HALF_EXTENT = 3.0  # objects are placed in [-3, 3]^2 on the ground
+PLACEMENT_HALF_EXTENT = 2.7  # objects are placed in [-2.7, 2.7]^2 on the ground
 MIN_GAP = 0.15  # metres between the bounding circles of two objects
 
 
@@ -109,7 +109,7 @@ def _sample_camera(rng: np.random.Generator) -> Camera:
     # a CLEVR-like viewpoint, jittered
     azimuth = math.radians(45.0 + rng.uniform(-12.0, 12.0))
     elevation = math.radians(30.0 + rng.uniform(-5.0, 5.0))
-    distance = 10.5 + rng.uniform(-0.6, 0.6)
+    distance = 9.5 + rng.uniform(-0.5, 0.5)
     look_at = (rng.uniform(-0.3, 0.3), 0.0, rng.uniform(-0.3, 0.3))
     position = (
         look_at[0] + distance * math.cos(elevation) * math.sin(azimuth),

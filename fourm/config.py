@@ -1,0 +1,49 @@
+"""Typed configs: one dataclass per component; YAML files and ``--set key=value`` are overrides of it.
+
+Unknown keys and wrong types are errors (OmegaConf structured configs), reported as UsageError.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import is_dataclass
+from typing import Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fourm.cli import UsageError
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from its defaults, then a YAML path or dict, then ``key=value`` overrides.
+
+    Example:
+        >>> cfg = load_config(DemoConfig, "configs/demo.yaml", ["data.res=128"])
+    """
+    assert is_dataclass(cls)
+    try:
+        merged = OmegaConf.structured(cls)
+        if source is not None:
+            if isinstance(source, dict):
+                layer = OmegaConf.create(source)
+            else:
+                if not os.path.isfile(source):
+                    raise UsageError(f"config file {source} does not exist")
+                layer = OmegaConf.load(source)
+            merged = OmegaConf.merge(merged, layer)
+        for item in overrides:
+            if "=" not in item:
+                raise UsageError(f"--set expects key=value, got {item!r}")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exn:
+        raise UsageError(f"bad config: {str(exn).splitlines()[0]}") from None
+
+
+def to_dict(config) -> dict:
+    """A dataclass config as a plain dict (for saving next to outputs)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,97 @@
+"""Pictures of modalities for reports, demos and generated outputs: depth colour maps, semseg
+palettes and overlays, boxes drawn on images, captions under images, grids."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# a perceptually ordered ramp (dark purple -> yellow), interpolated to 256 entries
+_RAMP = np.array(
+    [[13, 8, 135], [84, 2, 163], [139, 10, 165], [185, 50, 137], [219, 92, 104], [244, 136, 73], [254, 188, 43], [240, 249, 33]],
+    float,
+)
+DEPTH_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_RAMP)), _RAMP[:, c]) for c in range(3)], 1).astype(np.uint8)
+
+
+def colorize_depth(depth: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """(H, W) metres -> (H, W, 3) uint8; near is bright, on a log scale between vmin and vmax
+    (default: the 2nd and 98th percentiles)."""
+    d = np.log(np.clip(np.asarray(depth, np.float64), 1e-3, None))
+    lo = np.log(vmin) if vmin else np.percentile(d, 2)
+    hi = np.log(vmax) if vmax else np.percentile(d, 98)
+    x = 1.0 - np.clip((d - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return DEPTH_LUT[(x * 255).astype(np.uint8)]
+
+
+def palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour palette: (n, 3) uint8, class 0 black."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+_PALETTE = palette()
+
+
+def colorize_semseg(semseg: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 palette colours."""
+    return _PALETTE[np.asarray(semseg).astype(np.int64) % 256]
+
+
+def overlay(rgb: np.ndarray, semseg: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the semseg palette over an (H, W, 3) uint8 image."""
+    return (rgb.astype(np.float32) * (1 - alpha) + colorize_semseg(semseg).astype(np.float32) * alpha).astype(np.uint8)
+
+
+def draw_boxes(rgb: np.ndarray, boxes: list[dict], scale: int = 1) -> np.ndarray:
+    """Draw ``[{"bbox": [x0, y0, x1, y1], "label": str}]`` on an (H, W, 3) uint8 image, upscaled by ``scale``."""
+    im = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(im)
+    for i, b in enumerate(boxes):
+        color = tuple(int(v) for v in _PALETTE[(i % 20) + 1])
+        x0, y0, x1, y1 = (v * scale for v in b["bbox"])
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=max(1, scale // 2))
+        if scale >= 2:
+            draw.text((x0 + 1, y0 + 1), b["label"].split()[-1], fill=color)
+    return np.asarray(im)
+
+
+def caption_strip(text: str, width: int, lines: int = 8) -> np.ndarray:
+    """Text wrapped into a white (h, width, 3) uint8 strip."""
+    font = ImageFont.load_default()
+    wrapped = textwrap.wrap(text, width=max(8, width // 6))[:lines]
+    im = Image.new("RGB", (width, 12 * lines + 4), "white")
+    ImageDraw.Draw(im).multiline_text((2, 2), "\n".join(wrapped), fill="black", font=font, spacing=2)
+    return np.asarray(im)
+
+
+def upscale(img: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of an (H, W, 3) uint8 image."""
+    return np.asarray(Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST))
+
+
+def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tile (h, w, 3) uint8 panels into a white-padded grid; each column is as wide as its widest
+    panel, each row as tall as its tallest; panels are top-left aligned in their cell."""
+    ncols = max(len(r) for r in rows)
+    widths = [max((r[j].shape[1] for r in rows if j < len(r)), default=0) for j in range(ncols)]
+    heights = [max(p.shape[0] for p in r) for r in rows]
+    out = np.full((sum(heights) + pad * (len(rows) + 1), sum(widths) + pad * (ncols + 1), 3), 255, np.uint8)
+    y = pad
+    for r, h in zip(rows, heights):
+        x = pad
+        for p, w in zip(r, widths):
+            out[y : y + p.shape[0], x : x + p.shape[1]] = p
+            x += w + pad
+        y += h + pad
+    return out
