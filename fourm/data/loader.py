@@ -28,6 +28,8 @@ from fourm.modalities import IMAGE_MODALITIES, MODALITIES, parse_modalities
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("unreadable_shard", "truncated_shard", "corrupt_member", "missing_modality", "inconsistent_sample", "other")
+# tarfile's words for a stream that ends early (other ReadErrors mean "not a tar file")
+_TRUNCATION_MESSAGES = ("unexpected end of data", "empty header", "truncated header")
 _WARN_FIRST = 20  # per process: warn for the first skips, then every 1000th
 
 
@@ -45,7 +47,8 @@ def classify_error(exn: BaseException) -> str:
         return exn.reason
     if isinstance(exn, CorruptMember):
         return "corrupt_member"
-    if isinstance(exn, EOFError) or "unexpected end of data" in str(exn):
+    text = str(exn)
+    if isinstance(exn, EOFError) or any(m in text for m in _TRUNCATION_MESSAGES):
         return "truncated_shard"
     if isinstance(exn, (tarfile.TarError, OSError)):
         return "unreadable_shard"
@@ -90,6 +93,41 @@ class SkipCounter:
         counts = {r: int(c) for r, c in zip(SKIP_REASONS, self._counts.tolist())}
         counts["total"] = sum(counts.values())
         return counts
+
+
+def tar_looks_truncated(path: str) -> bool:
+    """True when a local tar file starts like a tar but lacks its end: the size is not a whole
+    number of 512-byte blocks, or the two zero blocks that close every tar archive are missing.
+
+    tarfile's stream reader takes a cut at a member boundary for a normal end, so this is what
+    catches those cuts. Files that do not start with a ustar header are left to the reader.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(512)
+            if len(head) < 512 or head[257:262] != b"ustar":
+                return False
+            if size % 512:
+                return True
+            f.seek(size - 1024)
+            return f.read(1024) != bytes(1024)
+    except OSError:
+        return False
+
+
+def _flag_truncated_shards(counter: SkipCounter):
+    """Pipeline stage over shard dicts: count truncated local shards, then read them anyway (the
+    samples before the cut are good)."""
+
+    def stage(src):
+        for shard in src:
+            url = shard.get("url", "")
+            if isinstance(url, str) and os.path.isfile(url) and tar_looks_truncated(url):
+                counter.record(SkippedSample("truncated_shard", f"{url}: ends without the end-of-archive blocks"))
+            yield shard
+
+    return stage
 
 
 def decode_sample(sample: dict, modalities: tuple[str, ...]) -> dict:
@@ -170,12 +208,13 @@ def build_dataset(shards, config: LoaderConfig, counter: SkipCounter, transform=
     modalities = parse_modalities(config.modalities)
     handler = counter.record
     stages: list = [
-        wds.ResampledShards(urls, seed=config.seed) if config.repeat else wds.SimpleShardList(urls, seed=config.seed),
+        wds.ResampledShards(urls, seed=config.seed) if config.repeat else wds.SimpleShardList(urls),
     ]
     if not config.repeat:
         if config.shuffle:
             stages.append(wds.shuffle(len(urls), seed=config.seed))
         stages += [wds.split_by_node, wds.split_by_worker]
+    stages.append(_flag_truncated_shards(counter))
     stages.append(wds.tarfile_to_samples(handler=handler))
     if config.shuffle:
         stages.append(wds.shuffle(config.shuffle, initial=min(config.shuffle, 100), seed=config.seed))

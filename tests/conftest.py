@@ -1,0 +1,42 @@
+"""Shared fixtures: small rendered datasets, program runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """40 scenes at 64 px in shards of 10 (seed 3)."""
+    from fourm.data.synth.generate import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, 40, res=64, seed=3, shard_size=10, workers=2, progress=False)
+    return out
+
+
+def run_program(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a repo program (``data_pipelines/synth_scenes.py`` ...) with this interpreter."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2, no traceback, and exactly one error line (the last line on stderr; warnings logged
+    before it may precede it) that mentions every needle."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in lines if ": error: " in ln]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
