@@ -1,6 +1,7 @@
 """Typed configs: one dataclass per component; YAML files and ``--set key=value`` are overrides of it.
 
-Unknown keys and wrong types are errors (OmegaConf structured configs), reported as UsageError.
+Unknown keys and wrong types are errors (OmegaConf structured configs), and so are values a
+dataclass's ``__post_init__`` rejects with ValueError; all are reported as UsageError.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, ov
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exn:
-        raise UsageError(f"bad config: {str(exn).splitlines()[0]}") from None
+        key = getattr(exn, "full_key", None)
+        where = f" key {key}" if key else ""
+        raise UsageError(f"bad config{where}: {str(exn).splitlines()[0]}") from None
+    except ValueError as exn:  # a dataclass's own __post_init__ validation
+        raise UsageError(f"bad config: {exn}") from None
 
 
 def to_dict(config) -> dict:

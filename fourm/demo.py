@@ -34,18 +34,30 @@ class DemoDataConfig:
     val_seed: int = 1
     shard_size: int = 1000
 
+    def __post_init__(self) -> None:
+        for name in ("train_scenes", "val_scenes", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 16 <= self.res <= 1024:
+            raise ValueError(f"data.res must be between 16 and 1024, got {self.res}")
+
 
 @dataclass
 class DemoConfig:
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
     overview_scenes: int = 8
 
+    def __post_init__(self) -> None:
+        if self.overview_scenes < 0:
+            raise ValueError(f"overview_scenes must be >= 0, got {self.overview_scenes}")
+
 
 def scale_to_budget(config: DemoConfig, minutes: float) -> DemoConfig:
     """Shrink the stages for a budget below the 30 minutes the defaults are sized for."""
     factor = min(1.0, max(minutes, 0.5) / 30.0)
-    config.data.train_scenes = max(100, int(config.data.train_scenes * factor))
-    config.data.val_scenes = max(16, int(config.data.val_scenes * min(1.0, factor * 2)))
+    if factor < 1.0:
+        config.data.train_scenes = max(min(100, config.data.train_scenes), int(config.data.train_scenes * factor))
+        config.data.val_scenes = max(min(16, config.data.val_scenes), int(config.data.val_scenes * min(1.0, factor * 2)))
     return config
 
 
@@ -103,7 +115,8 @@ def stage_inspect(config: DemoConfig, out: Path) -> dict:
     read_s = time.perf_counter() - start
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid(panels)).save(samples / "data_overview.png")
+    if panels:
+        Image.fromarray(grid(panels)).save(samples / "data_overview.png")
     return {
         "val_samples_read": n,
         "skipped": skipped.as_dict(),

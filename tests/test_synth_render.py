@@ -69,14 +69,18 @@ def test_modalities_are_consistent(res):
             assert obj.visible_pixels == int((view.instance == k).sum())
 
 
+def _without_objects(scene, res):
+    empty = copy.deepcopy(scene)
+    empty.objects = []
+    return render_scene(empty, res)
+
+
 def test_objects_are_nearer_than_the_ground_behind_them():
     """Depth and occlusion are physical: removing the objects reveals ground (or sky) farther away."""
     checked = 0
     for _, scene in _scenes(20, seed=11):
         view = render_scene(scene, 64)
-        empty = copy.deepcopy(scene)
-        empty.objects = []
-        ground_only = render_scene(empty, 64)
+        ground_only = _without_objects(scene, 64)
         obj = view.instance >= 0
         assert (view.depth[obj] < ground_only.depth[obj]).all()
         # where no object is, the two renders agree exactly
@@ -89,9 +93,7 @@ def test_objects_are_shaded_and_cast_shadows():
     darker = 0
     for _, scene in _scenes(20, seed=2):
         view = render_scene(scene, 64)
-        empty = copy.deepcopy(scene)
-        empty.objects = []
-        ground_only = render_scene(empty, 64)
+        ground_only = _without_objects(scene, 64)
         ground = view.instance == -1
         # shadows: some ground pixels are darker with the objects present than without
         darker += int((view.rgb[ground].sum(-1) + 30 < ground_only.rgb[ground].sum(-1)).sum())

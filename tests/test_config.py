@@ -1,0 +1,44 @@
+"""Typed configs: every shipped config parses; unknown keys and wrong types are rejected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fourm.cli import UsageError
+from fourm.config import load_config, to_dict
+from fourm.demo import DemoConfig
+from fourm.modalities import MODALITIES, get_modality, parse_modalities
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_CLASSES = {"demo.yaml": DemoConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_parses(path):
+    cls = CONFIG_CLASSES[str(path.relative_to(CONFIGS))]
+    config = load_config(cls, path)
+    assert to_dict(config)
+
+
+def test_overrides_unknown_keys_and_types():
+    cfg = load_config(DemoConfig, {"data": {"res": 128}}, ["data.val_scenes=7"])
+    assert cfg.data.res == 128 and cfg.data.val_scenes == 7
+    with pytest.raises(UsageError, match="typo"):
+        load_config(DemoConfig, {"data": {"typo": 1}})
+    with pytest.raises(UsageError):
+        load_config(DemoConfig, None, ["data.res=big"])
+    with pytest.raises(UsageError, match="key=value"):
+        load_config(DemoConfig, None, ["data.res"])
+
+
+def test_modality_registry():
+    assert list(MODALITIES)[:5] == ["rgb", "depth", "semseg", "boxes", "caption"]
+    assert parse_modalities("rgb, depth") == ("rgb", "depth")
+    with pytest.raises(KeyError, match="known: rgb"):
+        get_modality("normals")
+    with pytest.raises(ValueError):
+        parse_modalities("rgb,rgb")
+    with pytest.raises(ValueError):
+        parse_modalities("")
