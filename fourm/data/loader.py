@@ -130,8 +130,10 @@ def _flag_truncated_shards(counter: SkipCounter):
     return stage
 
 
-def decode_sample(sample: dict, modalities: tuple[str, ...]) -> dict:
+def decode_sample(sample: dict, modalities: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     """Raw wds sample (member suffix -> bytes) -> ``{"__key__", modality: decoded, ...}``.
+
+    ``optional`` modalities are decoded when present and None when absent.
 
     Image-like modalities must agree on height and width; depth must be finite.
     Raises:
@@ -149,7 +151,13 @@ def decode_sample(sample: dict, modalities: tuple[str, ...]) -> dict:
             out[name] = decode_member(name, sample[member])
         except CorruptMember as exn:
             raise CorruptMember(exn.member, f"{where}: {exn}") from None
-    sizes = {name: tuple(out[name].shape[-2:]) for name in modalities if name in IMAGE_MODALITIES}
+    for name in optional:
+        member = MODALITIES[name].member
+        try:
+            out[name] = decode_member(name, sample[member]) if member in sample else None
+        except CorruptMember as exn:
+            raise CorruptMember(exn.member, f"{where}: {exn}") from None
+    sizes = {name: tuple(out[name].shape[-2:]) for name in (*modalities, *optional) if name in IMAGE_MODALITIES and out[name] is not None}
     if len(set(sizes.values())) > 1:
         raise SkippedSample("inconsistent_sample", f"{where}: image sizes differ {sizes}")
     if "depth" in out and not torch.isfinite(out["depth"]).all():
@@ -158,11 +166,12 @@ def decode_sample(sample: dict, modalities: tuple[str, ...]) -> dict:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Batch decoded samples: tensors are stacked (B, ...), everything else becomes a list."""
+    """Batch decoded samples: tensors are stacked (B, ...); everything else, and a modality that
+    some samples lack (None), becomes a list."""
     batch: dict = {}
     for name in samples[0]:
         values = [s[name] for s in samples]
-        if isinstance(values[0], torch.Tensor):
+        if all(isinstance(v, torch.Tensor) for v in values):
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:
                 raise ValueError(f"cannot batch {name} of different shapes {sorted(shapes)}; resize the data to one resolution (import_folder.py --res)")
@@ -178,6 +187,7 @@ class LoaderConfig:
 
     Attributes:
         modalities: modalities every sample must have (others in the shard are ignored).
+        optional: modalities decoded when a sample has them (None otherwise).
         batch_size: samples per batch.
         shuffle: sample shuffle buffer size; 0 keeps shard order (evaluation).
         num_workers: DataLoader worker processes; shards are split between them (and between
@@ -188,6 +198,7 @@ class LoaderConfig:
     """
 
     modalities: tuple[str, ...] = ("rgb", "depth", "semseg", "boxes", "caption")
+    optional: tuple[str, ...] = ()
     batch_size: int = 16
     shuffle: int = 1000
     num_workers: int = 2
@@ -205,7 +216,10 @@ def build_dataset(shards, config: LoaderConfig, counter: SkipCounter, transform=
     urls = expand_shards(shards)
     if not urls:
         raise FileNotFoundError(f"no shards found at {shards}")
-    modalities = parse_modalities(config.modalities)
+    modalities = parse_modalities(config.modalities) if config.modalities else ()
+    optional = tuple(m for m in (parse_modalities(config.optional) if config.optional else ()) if m not in modalities)
+    if not modalities and not optional:
+        raise ValueError("no modality requested")
     handler = counter.record
     stages: list = [
         wds.ResampledShards(urls, seed=config.seed) if config.repeat else wds.SimpleShardList(urls),
@@ -218,7 +232,7 @@ def build_dataset(shards, config: LoaderConfig, counter: SkipCounter, transform=
     stages.append(wds.tarfile_to_samples(handler=handler))
     if config.shuffle:
         stages.append(wds.shuffle(config.shuffle, initial=min(config.shuffle, 100), seed=config.seed))
-    stages.append(wds.map(functools.partial(decode_sample, modalities=modalities), handler=handler))
+    stages.append(wds.map(functools.partial(decode_sample, modalities=modalities, optional=optional), handler=handler))
     if transform is not None:
         stages.append(wds.map(transform, handler=handler))
     stages.append(wds.batched(config.batch_size, collation_fn=collate, partial=not config.drop_last))

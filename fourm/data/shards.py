@@ -153,3 +153,11 @@ def expand_shards(spec: str | os.PathLike | list) -> list[str]:
     else:
         urls = [spec]
     return urls
+
+
+def require_shards(spec, flag: str = "--data") -> list[str]:
+    """``expand_shards`` for a program argument: UsageError naming ``flag`` when nothing exists there."""
+    urls = [u for u in expand_shards(spec) if os.path.exists(u)]
+    if not urls:
+        raise UsageError(f"{flag} {spec}: no shards found")
+    return urls

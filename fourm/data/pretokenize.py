@@ -1,0 +1,107 @@
+"""Token shards: raw shards run once through a tokenizer set, so training never runs encoders.
+
+Each sample of ``OUT/shard-*.tar`` holds ``<modality>.tokens.npy`` (int32 shared-vocabulary ids:
+(h*w,) row-major for image-like modalities, (L,) for sequences) for every modality the raw sample
+has and the set can encode, plus ``meta.json`` (``image_size`` as (H, W) and, for affine depth, the
+per-image ``depth_scale``). A sample missing a modality keeps the others. ``OUT/manifest.json``
+names the tokenizer set and carries a copy of its vocabulary and the vocabulary's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fourm.data.codecs import encode_json, encode_npy
+from fourm.data.loader import LoaderConfig, build_loader
+from fourm.data.shards import ShardSink, prepare_output_dir
+from fourm.modalities import IMAGE_MODALITIES
+from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+log = logging.getLogger(__name__)
+
+TOKENS_SUFFIX = ".tokens.npy"
+PRETOKENIZER_VERSION = "pretokenize/1"
+
+
+def vocab_sha256(tset: TokenizerSet) -> str:
+    return hashlib.sha256(json.dumps(tset.vocab.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _image_size(batch: dict, i: int) -> tuple[int, int] | None:
+    for m in IMAGE_MODALITIES:
+        v = batch.get(m)
+        if v is not None and v[i] is not None:
+            return tuple(int(s) for s in v[i].shape[-2:])
+    return None
+
+
+def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, batch_size: int = 64, shard_size: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
+    """Tokenize raw shards ``data`` with the set at ``tokenizers`` into token shards at ``out``."""
+    tset = TokenizerSet.from_pretrained(tokenizers)
+    mods = [m for m in tset.modalities if m in ("rgb", "depth", "semseg", "boxes", "caption")]
+    loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=tuple(mods), batch_size=batch_size, shuffle=0, num_workers=1))
+    out_dir = prepare_output_dir(out, overwrite)
+    counts = {m: 0 for m in mods}
+    bar = tqdm(desc="pretokenize", unit="sample", disable=not progress)
+    with ShardSink(Path(out_dir), shard_size) as sink:
+        for batch in loader:
+            b = len(batch["__key__"])
+            samples: list[dict] = [{"__key__": k} for k in batch["__key__"]]
+            metas: list[dict] = [{} for _ in range(b)]
+            for i in range(b):
+                size = _image_size(batch, i)
+                if size is not None:
+                    metas[i]["image_size"] = list(size)
+            for m in mods:
+                values = batch[m]
+                present = [i for i in range(b) if values[i] is not None]
+                if not present:
+                    continue
+                if m in tset.images:
+                    raw = values[present] if isinstance(values, torch.Tensor) else torch.stack([values[i] for i in present])
+                    ids, scale = tset.encode_images(m, raw)
+                    for j, i in enumerate(present):
+                        samples[i][m + TOKENS_SUFFIX] = encode_npy(ids[j].numpy().astype(np.int32))
+                        if scale is not None:
+                            metas[i]["depth_scale"] = [float(v) for v in scale[j]]
+                elif m == "caption":
+                    for i, ids in zip(present, tset.encode("caption", [values[i] for i in present])):
+                        samples[i][m + TOKENS_SUFFIX] = encode_npy(ids.numpy().astype(np.int32))
+                else:
+                    for i in present:
+                        if "image_size" not in metas[i]:
+                            log.warning("%s: boxes without an image to take the size from; skipped", samples[i]["__key__"])
+                            continue
+                        ids = tset.encode("boxes", [values[i]], image_size=tuple(metas[i]["image_size"]))[0]
+                        samples[i][m + TOKENS_SUFFIX] = encode_npy(ids.numpy().astype(np.int32))
+            for s, meta in zip(samples, metas):
+                for m in mods:
+                    counts[m] += (m + TOKENS_SUFFIX) in s
+                s["meta.json"] = encode_json(meta)
+                sink.write(s)
+            bar.update(b)
+        bar.close()
+        manifest = sink.finish(
+            {
+                "generator": PRETOKENIZER_VERSION,
+                "kind": "tokens",
+                "tokenizers": str(Path(tokenizers).resolve()),
+                "source": str(data),
+                "modalities": [m for m in mods if counts[m]],
+                "modality_counts": counts,
+                "grids": {m: tok.config.grid for m, tok in tset.images.items()},
+                "vocab_sha256": vocab_sha256(tset),
+                "vocab": tset.vocab.to_json(),
+                "skipped": skipped.as_dict(),
+            }
+        )
+    log.info("pretokenized %d samples into %s (%s)", manifest["num_samples"], out_dir, ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return manifest

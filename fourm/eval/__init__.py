@@ -1,0 +1,1 @@
+"""Evaluation metrics for images, depth, segmentation, boxes and tokenizer codebooks."""

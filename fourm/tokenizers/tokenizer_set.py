@@ -1,0 +1,195 @@
+"""A tokenizer set: every modality's tokenizer plus the shared vocabulary, in one directory.
+
+    DIR/vocab.json                       the shared vocabulary (fourm.vocab.SharedVocab)
+    DIR/set.json                         format tag and which modalities the set holds
+    DIR/text/tokenizer.json | spm.model  the text tokenizer (captions and box labels)
+    DIR/boxes/config.json                box quantisation (no weights)
+    DIR/<rgb|depth|semseg>/config.json + model.safetensors
+
+Every ``encode`` returns shared-vocabulary ids, one 1-D LongTensor per sample; every ``decode``
+takes them back to raw values. Ids of another modality's range are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fourm.config import load_config
+from fourm.tokenizers.boxes import BoxTokenizer, BoxTokenizerConfig
+from fourm.tokenizers.image import IMAGE_TOKENIZER_MODALITIES, ImageTokenizer, ImageTokenizerConfig
+from fourm.tokenizers.text import TextTokenizer
+from fourm.vocab import VOCAB_FILE, SharedVocab
+
+log = logging.getLogger(__name__)
+
+SET_FILE = "set.json"
+SET_FORMAT = "fourm-tokenizer-set/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class TokenizerSet:
+    """All tokenizers of a model, mapping raw modalities to shared ids and back."""
+
+    def __init__(self, text: TextTokenizer | None = None, boxes: BoxTokenizer | None = None, images: dict[str, ImageTokenizer] | None = None, vocab: SharedVocab | None = None):
+        self.text = text
+        self.boxes = boxes or BoxTokenizer()
+        self.images: dict[str, ImageTokenizer] = dict(images or {})
+        self.vocab = vocab or SharedVocab.build(self.space_sizes())
+
+    # -- layout ---------------------------------------------------------------------------------
+    def space_sizes(self) -> dict[str, int]:
+        sizes = {"box_coords": self.boxes.config.bins}
+        if self.text is not None:
+            sizes["text"] = self.text.vocab_size
+        for name, tok in self.images.items():
+            sizes[name] = tok.codebook_size
+        return sizes
+
+    def rebuild_vocab(self) -> bool:
+        """Lay the vocabulary out again for the current tokenizers (canonical order); returns
+        whether any id changed. Models and token shards trained on the old layout no longer fit."""
+        new = SharedVocab.build(self.space_sizes())
+        changed = new.to_json() != self.vocab.to_json()
+        self.vocab = new
+        return changed
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modalities this set can encode."""
+        return [m for m in self.vocab.modalities if m in self.images or (m in ("caption", "boxes") and self.text is not None)]
+
+    def _require(self, modality: str) -> None:
+        if modality not in self.modalities:
+            raise KeyError(f"this tokenizer set has no tokenizer for {modality!r}; it has: {', '.join(self.modalities) or 'none'}")
+
+    # -- encode / decode ------------------------------------------------------------------------
+    def encode(self, modality: str, batch, image_size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """Raw batch -> one 1-D LongTensor of shared ids per sample.
+
+        caption: list[str]; boxes: list[list[dict]] with ``image_size`` (H, W) of the images the
+        boxes are in pixels of; rgb/depth/semseg: a batched tensor (see ``ImageTokenizer.preprocess``).
+        """
+        self._require(modality)
+        if modality in self.images:
+            ids, _ = self.encode_images(modality, batch)
+            return list(ids)
+        if modality == "caption":
+            return [self.vocab.to_global("text", torch.tensor(x, dtype=torch.long)) for x in self.text.encode_batch(list(batch))]
+        if image_size is None:
+            raise ValueError("boxes need image_size=(height, width)")
+        return [self._encode_boxes(b, image_size) for b in batch]
+
+    def encode_images(self, modality: str, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image batch -> (shared ids (B, h*w), depth scales (B, 2) or None)."""
+        self._require(modality)
+        local, scale = self.images[modality].encode(batch)
+        return self.vocab.to_global(modality, local), scale
+
+    def _encode_boxes(self, boxes: list[dict], image_size: tuple[int, int]) -> torch.Tensor:
+        ids: list[int] = []
+        start_coord, start_text = self.vocab.spaces["box_coords"][0], self.vocab.spaces["text"][0]
+        for coords, label in self.boxes.to_bins(boxes, image_size):
+            ids += [start_coord + c for c in coords]
+            ids += [start_text + t for t in self.text.encode(label)]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, modality: str, ids, image_size: tuple[int, int] | None = None, scales: torch.Tensor | None = None) -> list:
+        """Shared ids (a list of 1-D tensors, or a (B, N) tensor) -> list of raw samples.
+
+        caption -> str; boxes -> list[dict] in pixels of ``image_size``; rgb -> uint8 (3, H, W);
+        depth -> float metres (1, H, W); semseg -> int64 (H, W).
+        """
+        self._require(modality)
+        if modality in self.images:
+            stacked = ids if isinstance(ids, torch.Tensor) else torch.stack(list(ids))
+            return list(self.images[modality].decode(self.vocab.to_local(modality, stacked), scales))
+        seqs = [torch.as_tensor(x, dtype=torch.long) for x in ids]
+        if modality == "caption":
+            return [self.text.decode(self.vocab.to_local("text", self._strip(s)).tolist()) for s in seqs]
+        if image_size is None:
+            raise ValueError("boxes need image_size=(height, width)")
+        return [self._decode_boxes(self._strip(s), image_size) for s in seqs]
+
+    def _strip(self, seq: torch.Tensor) -> torch.Tensor:
+        """Cut at the first [EOS] and drop [PAD]/[BOS]."""
+        eos = (seq == self.vocab.eos_id).nonzero()
+        if len(eos):
+            seq = seq[: int(eos[0])]
+        return seq[(seq != self.vocab.pad_id) & (seq != self.vocab.bos_id)]
+
+    def _decode_boxes(self, seq: torch.Tensor, image_size: tuple[int, int]) -> list[dict]:
+        """Parse ``(4 coordinate ids, label text ids)*``; a box with fewer than 4 coordinates or an
+        empty label is dropped; any other id is an error."""
+        coords_r, text_r = self.vocab.space_range("box_coords"), self.vocab.space_range("text")
+        items: list[tuple[list[int], list[int]]] = []
+        for t in seq.tolist():
+            if t in coords_r:
+                if not items or len(items[-1][0]) == 4 and items[-1][1]:
+                    items.append(([], []))
+                if len(items[-1][0]) < 4 and not items[-1][1]:
+                    items[-1][0].append(t - coords_r.start)
+                else:  # a coordinate inside a label: start over
+                    items.append(([t - coords_r.start], []))
+            elif t in text_r:
+                if items and len(items[-1][0]) == 4:
+                    items[-1][1].append(t - text_r.start)
+            else:
+                raise ValueError(f"id {t} ({self.vocab.space_of(t)}) is not a boxes id")
+        done = [(c, self.text.decode(lab).strip()) for c, lab in items if len(c) == 4 and lab]
+        return self.boxes.from_bins(done, image_size)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the whole set (see the module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.text is not None:
+            self.text.save(directory / "text")
+        (directory / "boxes").mkdir(exist_ok=True)
+        (directory / "boxes" / CONFIG).write_text(json.dumps(dataclasses.asdict(self.boxes.config), indent=1) + "\n")
+        for name, tok in self.images.items():
+            save_image_tokenizer(tok, directory / name)
+        self.vocab.save(directory / VOCAB_FILE)
+        (directory / SET_FILE).write_text(json.dumps({"format": SET_FORMAT, "modalities": self.modalities, "spaces": self.space_sizes()}, indent=1) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "TokenizerSet":
+        """Load a set written by ``save_pretrained``; a missing file is named in the error."""
+        directory = Path(directory)
+        if not (directory / VOCAB_FILE).is_file():
+            raise FileNotFoundError(f"no tokenizer set at {directory} (missing {directory / VOCAB_FILE})")
+        vocab = SharedVocab.load(directory / VOCAB_FILE)
+        text = TextTokenizer.load(directory / "text") if (directory / "text").is_dir() else None
+        boxes_cfg = directory / "boxes" / CONFIG
+        boxes = BoxTokenizer(load_config(BoxTokenizerConfig, json.loads(boxes_cfg.read_text()))) if boxes_cfg.is_file() else BoxTokenizer()
+        images = {m: load_image_tokenizer(directory / m) for m in IMAGE_TOKENIZER_MODALITIES if (directory / m / CONFIG).is_file()}
+        tset = cls(text=text, boxes=boxes, images=images, vocab=vocab)
+        expected = tset.space_sizes()
+        for space, size in expected.items():
+            if vocab.spaces.get(space, [0, None])[1] != size:
+                raise ValueError(f"{directory / VOCAB_FILE} does not match the tokenizers: space {space!r} has {vocab.spaces.get(space)} but the tokenizer has {size} ids")
+        return tset
+
+
+def save_image_tokenizer(tok: ImageTokenizer, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_text(json.dumps(dataclasses.asdict(tok.config), indent=1) + "\n")
+    save_file({k: v.contiguous() for k, v in tok.state_dict().items()}, str(directory / WEIGHTS))
+
+
+def load_image_tokenizer(directory: Path) -> ImageTokenizer:
+    config = load_config(ImageTokenizerConfig, json.loads((directory / CONFIG).read_text()))
+    if not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"missing weights {directory / WEIGHTS}")
+    tok = ImageTokenizer(config)
+    tok.load_state_dict(load_file(str(directory / WEIGHTS)))
+    tok.eval()
+    return tok

@@ -1,0 +1,151 @@
+"""Training loop for an image-like tokenizer (single process, bf16 autocast on CPU and CUDA).
+
+Stops at ``max_steps`` or after ``max_minutes``, whichever comes first; validates every
+``val_every`` steps on held-out shards and keeps the weights with the best validation score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from fourm.data.loader import LoaderConfig, build_loader
+from fourm.eval.metrics import codebook_stats, depth_metrics, miou_from_confusion, psnr, segmentation_confusion
+from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageTrainConfig:
+    """Optimisation of an image tokenizer."""
+
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int = 4000
+    max_minutes: float = 10.0
+    val_every: int = 250
+    val_samples: int = 256
+    grad_clip: float = 1.0
+    bf16: bool = True
+    seed: int = 0
+    num_workers: int = 1
+
+
+@dataclass
+class ImageTokenizerTrainingConfig:
+    """What ``tokenizers/train.py`` reads for an image-like tokenizer."""
+
+    tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+
+
+def _lr_at(step: int, cfg: ImageTrainConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate_image_tokenizer(model: ImageTokenizer, val_data, max_samples: int = 10**9, batch_size: int = 64) -> dict:
+    """Reconstruction quality on raw shards: rgb PSNR; depth AbsRel/δ1; semseg mIoU; codebook stats.
+
+    ``score`` is the one number to maximise (PSNR, δ1 or mIoU)."""
+    modality = model.config.modality
+    was_training = model.training
+    model.eval()
+    loader, _ = build_loader(val_data, LoaderConfig(modalities=(modality,), batch_size=batch_size, shuffle=0, num_workers=0))
+    n, psnrs, ids_all = 0, [], []
+    conf = None
+    depth_pred, depth_true = [], []
+    for batch in loader:
+        raw = batch[modality][: max_samples - n]
+        ids, scale = model.encode(raw)
+        recon = model.decode(ids, scale)
+        ids_all.append(ids)
+        if modality == "rgb":
+            psnrs.append(psnr(recon, raw))
+        elif modality == "depth":
+            depth_pred.append(recon)
+            depth_true.append(raw.float())
+        else:
+            c = segmentation_confusion(recon, raw, model.config.num_classes)
+            conf = c if conf is None else conf + c
+        n += len(raw)
+        if n >= max_samples:
+            break
+    stats = codebook_stats(torch.cat(ids_all), model.codebook_size)
+    out = {"samples": n, "codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"]}
+    if modality == "rgb":
+        out["psnr"] = float(torch.cat(psnrs).mean())
+        out["score"] = out["psnr"]
+    elif modality == "depth":
+        out.update(depth_metrics(torch.cat(depth_pred), torch.cat(depth_true)))
+        out["score"] = out["delta1"]
+    else:
+        m = miou_from_confusion(conf)
+        out["miou"], out["pixel_acc"] = m["miou"], m["pixel_acc"]
+        out["score"] = out["miou"]
+    model.train(was_training)
+    return out
+
+
+def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=None, progress: bool = True) -> tuple[ImageTokenizer, dict]:
+    """Train from raw shards ``data``; returns the model (best validation weights) and a history."""
+    tcfg = config.train
+    torch.manual_seed(tcfg.seed)
+    model = ImageTokenizer(config.tokenizer)
+    model.train()
+    modality = config.tokenizer.modality
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.99), weight_decay=tcfg.weight_decay)
+    loader, skipped = build_loader(
+        data, LoaderConfig(modalities=(modality,), batch_size=tcfg.batch_size, shuffle=2000, num_workers=tcfg.num_workers, seed=tcfg.seed, repeat=True, drop_last=True)
+    )
+    history: dict = {"loss": [], "val": []}
+    best_score, best_state = -math.inf, None
+    start = time.perf_counter()
+    deadline = start + tcfg.max_minutes * 60
+    bar = tqdm(total=tcfg.max_steps, desc=f"train {modality} tokenizer", unit="step", disable=not progress)
+    step = 0
+    ema_loss = None
+    for batch in loader:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, tcfg, tcfg.max_steps)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.bf16):
+            out = model(batch[modality])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        step += 1
+        loss = float(out.loss.detach())  # logged every step: cheap next to a conv autoencoder step
+        history["loss"].append(loss)
+        ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
+        bar.update()
+        bar.set_postfix(loss=f"{ema_loss:.4f}")
+        done = step >= tcfg.max_steps or time.perf_counter() > deadline
+        if val_data is not None and (step % tcfg.val_every == 0 or done):
+            metrics = evaluate_image_tokenizer(model, val_data, tcfg.val_samples)
+            metrics["step"] = step
+            metrics["minutes"] = round((time.perf_counter() - start) / 60, 2)
+            history["val"].append(metrics)
+            log.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+            if metrics["score"] > best_score:
+                best_score = metrics["score"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if done:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history.update(steps=step, minutes=round((time.perf_counter() - start) / 60, 2), skipped=skipped.as_dict(), best_score=best_score)
+    model.eval()
+    return model, history
