@@ -28,7 +28,10 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(args.tokenizers, VOCAB_FILE)):
         raise UsageError(f"--tokenizers {args.tokenizers}: no tokenizer set there (missing {os.path.join(args.tokenizers, VOCAB_FILE)})")
     require_shards(args.data, "--data")
-    pretokenize(args.tokenizers, args.data, args.out, batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        pretokenize(args.tokenizers, args.data, args.out, batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    except ValueError as exn:  # data that does not fit the tokenizers (image size, class ids, vocabulary)
+        raise UsageError(str(exn)) from None
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 from fourm.cli import UsageError
 from fourm.config import load_config, to_dict
 from fourm.demo import DemoConfig
+from fourm.tokenizers.training import load_training_config
 from fourm.modalities import MODALITIES, get_modality, parse_modalities
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -17,8 +18,16 @@ CONFIG_CLASSES = {"demo.yaml": DemoConfig}
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_parses(path):
-    cls = CONFIG_CLASSES[str(path.relative_to(CONFIGS))]
-    config = load_config(cls, path)
+    rel = str(path.relative_to(CONFIGS))
+    if rel.startswith("tokenizers/"):
+        kind, config = load_training_config(path, [])
+        assert kind in ("image", "text")
+        if kind == "image":
+            from fourm.tokenizers.image import ImageTokenizer
+
+            assert ImageTokenizer(config.tokenizer).config.grid == 8
+    else:
+        config = load_config(CONFIG_CLASSES[rel], path)
     assert to_dict(config)
 
 

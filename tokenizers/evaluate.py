@@ -38,7 +38,10 @@ def main(argv=None) -> int:
         tset = TokenizerSet.from_pretrained(args.tokenizer)
     except (FileNotFoundError, ValueError) as exn:
         raise UsageError(str(exn)) from None
-    result = evaluate_tokenizer_set(tset, args.data, max_samples=args.max_samples, progress=not args.quiet)
+    try:
+        result = evaluate_tokenizer_set(tset, args.data, max_samples=args.max_samples, progress=not args.quiet)
+    except ValueError as exn:  # data that does not fit the tokenizers (image size, class ids)
+        raise UsageError(str(exn)) from None
     lines = ["| modality | metric | value |", "| --- | --- | ---: |"]
     for m, keys in HEADLINE.items():
         for k in keys:

@@ -1,6 +1,6 @@
 """Image-like modality tokenizers (rgb, depth, semseg): a convolutional autoencoder with a
-discrete bottleneck (FSQ or VQ). Downsampling ``2 ** len(channels)`` (default 8: 64x64 -> 8x8 = 64
-tokens).
+discrete bottleneck (FSQ or VQ). Downsampling ``stem_patch * 2 ** len(channels)`` (default 8:
+64x64 -> 8x8 = 64 tokens).
 
 Per-modality input/output handling:
     rgb     uint8 (B, 3, H, W) -> [-1, 1]; decoder regresses [-1, 1]; loss MSE + 0.1 L1.
@@ -34,6 +34,7 @@ class ImageTokenizerConfig:
     num_classes: int = 5  # semseg only
     channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     res_blocks: int = 1
+    stem_patch: int = 1  # >1: a patchifying stem (and pixel-shuffle head) of this stride
     quantizer: str = "fsq"  # fsq | vq
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     vq_codebook_size: int = 1024
@@ -51,14 +52,16 @@ class ImageTokenizerConfig:
             raise ValueError(f"quantizer must be 'fsq' or 'vq', got {self.quantizer!r}")
         if self.depth_norm not in ("log", "affine"):
             raise ValueError(f"depth_norm must be 'log' or 'affine', got {self.depth_norm!r}")
-        if not self.channels or self.resolution % (2 ** len(self.channels)):
-            raise ValueError(f"resolution {self.resolution} must be divisible by the downsampling 2**{len(self.channels)}")
+        if self.stem_patch < 1:
+            raise ValueError(f"stem_patch must be >= 1, got {self.stem_patch}")
+        if not self.channels or self.resolution % self.downsample:
+            raise ValueError(f"resolution {self.resolution} must be divisible by the downsampling {self.downsample}")
         if not 0 < self.depth_min < self.depth_max:
             raise ValueError("need 0 < depth_min < depth_max")
 
     @property
     def downsample(self) -> int:
-        return 2 ** len(self.channels)
+        return self.stem_patch * 2 ** len(self.channels)
 
     @property
     def grid(self) -> int:
@@ -98,11 +101,12 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """(B, C_in, H, W) -> (B, D, H/f, W/f) with f = 2 ** len(channels)."""
+    """(B, C_in, H, W) -> (B, D, H/f, W/f) with f = stem_patch * 2 ** len(channels)."""
 
-    def __init__(self, c_in: int, channels: list[int], res_blocks: int, c_latent: int):
+    def __init__(self, c_in: int, channels: list[int], res_blocks: int, c_latent: int, stem_patch: int = 1):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(c_in, channels[0], 3, padding=1)]
+        stem = nn.Conv2d(c_in, channels[0], stem_patch, stride=stem_patch) if stem_patch > 1 else nn.Conv2d(c_in, channels[0], 3, padding=1)
+        layers: list[nn.Module] = [stem]
         c = channels[0]
         for c_next in channels:
             for _ in range(res_blocks):
@@ -119,7 +123,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(B, D, h, w) -> (B, C_out, h*f, w*f)."""
 
-    def __init__(self, c_latent: int, channels: list[int], res_blocks: int, c_out: int):
+    def __init__(self, c_latent: int, channels: list[int], res_blocks: int, c_out: int, stem_patch: int = 1):
         super().__init__()
         c = channels[-1]
         layers: list[nn.Module] = [nn.Conv2d(c_latent, c, 3, padding=1), ResBlock(c, c)]
@@ -128,7 +132,9 @@ class Decoder(nn.Module):
             c = c_next
             for _ in range(res_blocks):
                 layers.append(ResBlock(c, c))
-        layers += [nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, c_out, 3, padding=1)]
+        layers += [nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, c_out * stem_patch**2, 3, padding=1)]
+        if stem_patch > 1:
+            layers.append(nn.PixelShuffle(stem_patch))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -157,8 +163,8 @@ class ImageTokenizer(nn.Module):
         else:
             self.quantizer = VectorQuantizer(config.vq_codebook_size, config.vq_dim, beta=config.vq_beta, decay=config.vq_decay)
         latent = self.quantizer.dim
-        self.encoder = Encoder(config.in_channels, config.channels, config.res_blocks, latent)
-        self.decoder = Decoder(latent, config.channels, config.res_blocks, config.out_channels)
+        self.encoder = Encoder(config.in_channels, config.channels, config.res_blocks, latent, config.stem_patch)
+        self.decoder = Decoder(latent, config.channels, config.res_blocks, config.out_channels, config.stem_patch)
 
     @property
     def codebook_size(self) -> int:

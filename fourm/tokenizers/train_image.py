@@ -47,11 +47,15 @@ class ImageTokenizerTrainingConfig:
     train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
 
 
-def _lr_at(step: int, cfg: ImageTrainConfig, total: int) -> float:
+def lr_at(step: int, progress: float, cfg: ImageTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5% over ``progress`` in [0, 1].
+
+    Progress is the larger of the step fraction and the time-budget fraction, so the decay ends
+    on time whichever limit stops the run.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -117,8 +121,9 @@ def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=N
     step = 0
     ema_loss = None
     for batch in loader:
+        progress = max(step / tcfg.max_steps, (time.perf_counter() - start) / (tcfg.max_minutes * 60))
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, tcfg, tcfg.max_steps)
+            group["lr"] = lr_at(step, progress, tcfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.bf16):
             out = model(batch[modality])
         opt.zero_grad(set_to_none=True)
