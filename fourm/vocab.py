@@ -211,10 +211,14 @@ class SharedVocab:
         for space in self.modalities[modality]:
             r = self.space_range(space)
             mask[r.start : r.stop] = True
-        seq = modality in MODALITIES and MODALITIES[modality].kind == "sequence"
-        if with_eos if with_eos is not None else seq:
+        if with_eos if with_eos is not None else self.ends_with_eos(modality):
             mask[self.eos_id] = True
         return mask
+
+    @staticmethod
+    def ends_with_eos(modality: str) -> bool:
+        """Sequence modalities (captions, boxes) have a variable length that [EOS] ends."""
+        return modality in MODALITIES and MODALITIES[modality].kind == "sequence"
 
     # -- persistence ---------------------------------------------------------------------------
     def to_json(self) -> dict:

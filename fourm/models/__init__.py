@@ -1,0 +1,1 @@
+"""Transformer blocks and the two architectures (encoder-decoder, decoder-only)."""

@@ -1,0 +1,139 @@
+"""Chameleon-style decoder-only model: one sequence ``[BOS] <mod> ids </mod> <mod2> ...``, causal or
+PrefixLM attention, image tokens with 2D (row, col) RoPE positions.
+
+The forward is shaped like Hugging Face's: ``model(input_ids, labels=None, ...)`` returns an object
+with ``.logits`` and ``.loss`` (next-token cross-entropy, labels shifted inside, -100 ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fourm.models.layers import Block, BlockConfig, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
+from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
+
+IGNORE_INDEX = -100
+
+
+def llama_mlp_hidden(dim: int, multiple_of: int = 64) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class DecoderConfig:
+    """A decoder-only model. ``vocab_size`` comes from the tokenizer set's vocabulary."""
+
+    arch: str = "decoder"
+    vocab_size: int = 0
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    mlp_hidden: int = 0  # 0: Llama's rule from dim
+    qk_norm: str = "none"  # none | rms | layernorm (Chameleon)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    z_loss: float = 0.0
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.arch != "decoder":
+            raise ValueError(f"DecoderConfig.arch must be 'decoder', got {self.arch!r}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.mlp_hidden == 0:
+            self.mlp_hidden = llama_mlp_hidden(self.dim)
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(self.dim, self.n_heads, self.n_kv_heads, self.mlp_hidden, self.qk_norm, self.norm_eps, self.attention_backend)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None
+    past_key_values: list[KVCache] | None = None
+
+
+class DecoderLM(nn.Module):
+    """Token embedding -> blocks -> RMSNorm -> LM head."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("vocab_size must be set (from the tokenizer set's vocabulary)")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        bc = config.block_config()
+        self.blocks = nn.ModuleList(Block(bc) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(bc.head_dim, config.rope_theta), persistent=False)
+        self.apply(_init_weights)
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.blocks]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+        past_key_values: list[KVCache] | None = None,
+    ) -> CausalLMOutput:
+        """Args:
+            input_ids: (B, T) shared-vocabulary ids.
+            labels: (B, T) ids or -100; the loss compares logits[:, t] with labels[:, t + 1].
+            positions: (B, T) 1D or (B, T, 2) (row, col) positions; default 0..T-1 after the cache.
+            attention_mask: (B, S) 1 for real tokens, 0 for padding (S = cached + T).
+            prefix_len: (B,) PrefixLM prefix lengths (bidirectional there); None: causal.
+            past_key_values: per-layer caches from ``new_cache()``, extended in place.
+        """
+        b, t = input_ids.shape
+        past = past_key_values[0].length if past_key_values else 0
+        if positions is None:
+            positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        s = past + t
+        if prefix_len is not None:
+            if past:
+                raise ValueError("prefix_len applies to a full forward, not to cached decoding")
+            mask = prefix_lm_mask(prefix_len, t, attention_mask.bool() if attention_mask is not None else None)
+        else:
+            mask = causal_mask(t, s, device=input_ids.device).expand(b, 1, t, s)
+            if attention_mask is not None:
+                mask = mask & padding_mask(attention_mask)
+                mask = mask | torch.eye(t, s, dtype=torch.bool, device=mask.device).roll(past, 1)[None, None]
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            shifted = logits[:, :-1].float()
+            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            if self.config.z_loss:
+                loss = loss + z_loss(shifted[labels[:, 1:] != IGNORE_INDEX], self.config.z_loss)
+        return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

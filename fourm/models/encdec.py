@@ -1,0 +1,148 @@
+"""4M / Unified-IO-style encoder-decoder.
+
+Encoder: token embedding (shared vocabulary) + modality embedding, RoPE positions (2D for
+image-like tokens), bidirectional attention over the visible input tokens of any modalities.
+Decoder: target queries ([MASK] + modality + position) for image-like targets, decoded in
+parallel; teacher-forced shifted tokens for sequence targets, causal within their modality
+(``masks.modality_decoder_mask``); cross-attention to the encoder; output logits restricted to
+each target's modality range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fourm.models.decoder import IGNORE_INDEX, _init_weights, llama_mlp_hidden
+from fourm.models.layers import Block, BlockConfig, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
+from fourm.models.masks import bidirectional_mask, modality_decoder_mask, padding_mask
+
+
+@dataclass
+class EncDecConfig:
+    """An encoder-decoder model. ``vocab_size``, ``modalities`` and ``modality_ranges`` come from the
+    tokenizer set's vocabulary (``fourm.models.build.config_from_vocab``)."""
+
+    arch: str = "encdec"
+    vocab_size: int = 0
+    modalities: list[str] = field(default_factory=list)
+    # modality -> list of [start, stop) id ranges its targets may take (EOS included for sequences)
+    modality_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
+    dim: int = 256
+    enc_layers: int = 4
+    dec_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    mlp_hidden: int = 0
+    qk_norm: str = "none"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    z_loss: float = 0.0
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.arch != "encdec":
+            raise ValueError(f"EncDecConfig.arch must be 'encdec', got {self.arch!r}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.mlp_hidden == 0:
+            self.mlp_hidden = llama_mlp_hidden(self.dim)
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(self.dim, self.n_heads, self.n_kv_heads, self.mlp_hidden, self.qk_norm, self.norm_eps, self.attention_backend)
+
+
+@dataclass
+class Seq2SeqOutput:
+    logits: torch.Tensor  # (B, T, V), -inf outside each target's modality range
+    loss: torch.Tensor | None = None
+    encoder_out: torch.Tensor | None = None  # (B, S, dim)
+
+
+class EncoderDecoder(nn.Module):
+    """Any subset of modalities in, any subset out (see the module docstring)."""
+
+    def __init__(self, config: EncDecConfig):
+        super().__init__()
+        if config.vocab_size < 1 or not config.modalities:
+            raise ValueError("vocab_size and modalities must be set (from the tokenizer set's vocabulary)")
+        self.config = config
+        bc = config.block_config()
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.modality_embed = nn.Embedding(len(config.modalities), config.dim)
+        self.encoder = nn.ModuleList(Block(bc) for _ in range(config.enc_layers))
+        self.enc_norm = RMSNorm(config.dim, config.norm_eps)
+        self.decoder = nn.ModuleList(Block(bc, cross=True) for _ in range(config.dec_layers))
+        self.dec_norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(bc.head_dim, config.rope_theta), persistent=False)
+        allowed = torch.zeros(len(config.modalities), config.vocab_size, dtype=torch.bool)
+        for i, m in enumerate(config.modalities):
+            for start, stop in config.modality_ranges.get(m, []):
+                allowed[i, start:stop] = True
+        self.register_buffer("allowed", allowed, persistent=False)
+        self.apply(_init_weights)
+
+    def modality_index(self, name: str) -> int:
+        try:
+            return self.config.modalities.index(name)
+        except ValueError:
+            raise KeyError(f"unknown modality {name!r}; this model has: {', '.join(self.config.modalities)}") from None
+
+    def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim)."""
+        x = self.embed(ids) + self.modality_embed(modality)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        mask = bidirectional_mask(valid)
+        for block in self.encoder:
+            x = block(x, cos, sin, mask)
+        return self.enc_norm(x)
+
+    def decode(self, encoder_out: torch.Tensor, enc_valid: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, causal: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Decoder -> logits (B, T, V) restricted to each token's modality range.
+
+        ids: (B, T) [MASK] for image-like targets, shifted tokens for sequence targets;
+        modality, causal, valid: (B, T); positions (B, T, 2) or (B, T).
+        """
+        x = self.embed(ids) + self.modality_embed(modality)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        mask = modality_decoder_mask(modality, causal, valid)
+        cross_mask = padding_mask(enc_valid)
+        for block in self.decoder:
+            x = block(x, cos, sin, mask, context_kv=block.cross.context_kv(encoder_out), context_mask=cross_mask)
+        logits = self.lm_head(self.dec_norm(x))
+        return logits.masked_fill(~self.allowed[modality], float("-inf"))
+
+    def forward(
+        self,
+        enc_ids: torch.Tensor,
+        enc_modality: torch.Tensor,
+        enc_positions: torch.Tensor,
+        enc_valid: torch.Tensor,
+        dec_ids: torch.Tensor,
+        dec_modality: torch.Tensor,
+        dec_positions: torch.Tensor,
+        dec_causal: torch.Tensor,
+        dec_valid: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> Seq2SeqOutput:
+        """Full pass; ``labels`` (B, T) are the target ids at each decoder position (-100 ignored),
+        already aligned (no shift inside): the objective builds the shifted decoder inputs."""
+        enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid)
+        logits = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid)
+        loss = None
+        if labels is not None:
+            keep = labels != IGNORE_INDEX
+            picked = logits[keep].float()
+            loss = F.cross_entropy(picked, labels[keep]) if picked.numel() else logits.sum() * 0.0
+            if self.config.z_loss and picked.numel():
+                loss = loss + z_loss(picked, self.config.z_loss)  # logsumexp ignores the -inf columns
+        return Seq2SeqOutput(logits=logits, loss=loss, encoder_out=enc)

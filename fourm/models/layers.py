@@ -1,0 +1,268 @@
+"""Transformer building blocks shared by both architectures (single-device code).
+
+- ``RMSNorm``; RoPE for 1D and 2D positions as pure functions; ``Attention`` with grouped-query
+  heads, fused QKV, optional QK-norm (RMSNorm, or LayerNorm with per-head affine as Chameleon uses),
+  a KV cache, and ``CrossAttention``; ``SwiGLU``; pre-norm ``Block``.
+- Every attention goes through ``attention()``: PyTorch SDPA by default, xformers on CUDA when
+  asked for by name, a plain reference for tests.
+
+RoPE with 2D positions: positions are (row, col) pairs. Rotary pair i (dims i and i + D/2, Llama's
+layout) turns by ``pos[i % 2] * inv_freq[i]``: even pairs follow the row, odd pairs the column.
+A 1D token has row == col == its position, which makes this exactly Llama's RoPE, so text-only
+sequences match Hugging Face Llama/Chameleon numerically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("sdpa", "reference", "xformers")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (as Llama)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over the head dimension with a per-head weight and bias, shape (n_heads, head_dim)
+    (Chameleon's QK-norm)."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D)
+        return F.layer_norm(x, x.shape[-1:], None, None, self.eps) * self.weight + self.bias
+
+
+# -- rotary position embedding -------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """(head_dim // 2,) inverse frequencies, Llama's."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for 1D or 2D positions.
+
+    Args:
+        positions: (B, T) 1D positions, or (B, T, 2) (row, col) positions.
+        inv_freq: (D/2,) from ``rope_inv_freq``.
+    Returns:
+        cos, sin: (B, T, D) float32.
+    """
+    if positions.dim() == 2:
+        positions = positions[..., None].expand(*positions.shape, 2)
+    pos = positions.float()  # (B, T, 2)
+    axis = torch.arange(inv_freq.shape[0], device=pos.device) % 2  # pair i follows row (0) or col (1)
+    angles = pos[..., axis] * inv_freq.to(pos.device)  # (B, T, D/2)
+    angles = torch.cat([angles, angles], -1)  # (B, T, D)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by tables (B, T, D)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# -- attention -----------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend: str = "sdpa") -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    Args:
+        q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv.
+        mask: (B, 1 or H, T, S) bool, True where attention is allowed; None for full attention.
+        backend: ``sdpa`` (PyTorch), ``reference`` (plain matmul/softmax, for tests) or
+            ``xformers`` (CUDA only; falls back to an error elsewhere).
+    Returns:
+        (B, H, T, D).
+    """
+    h, hkv = q.shape[1], k.shape[1]
+    if h != hkv:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if backend == "reference":
+        scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1).nan_to_num(0.0) @ v.float()).to(q.dtype)
+    if backend == "xformers":
+        if not q.is_cuda:
+            raise RuntimeError("the xformers attention backend needs CUDA tensors")
+        import xformers.ops as xops  # optional GPU extra
+
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")).expand(q.shape[0], h, q.shape[2], k.shape[2])
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+    raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
+
+
+@dataclass
+class KVCache:
+    """Keys and values seen so far by one attention layer: (B, Hkv, S, D) each."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else int(self.k.shape[2])
+
+
+def _qk_norm(kind: str, n_heads: int, head_dim: int, eps: float) -> nn.Module | None:
+    if kind == "none":
+        return None
+    if kind == "rms":
+        return RMSNorm(head_dim, eps)
+    if kind == "layernorm":
+        return HeadLayerNorm(n_heads, head_dim, eps)
+    raise ValueError(f"qk_norm must be 'none', 'rms' or 'layernorm', got {kind!r}")
+
+
+class Attention(nn.Module):
+    """Self-attention: fused QKV, GQA, optional QK-norm (applied per head before RoPE), RoPE, KV cache."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: str = "none", eps: float = 1e-5, backend: str = "sdpa"):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim, self.backend = n_heads, n_kv_heads, head_dim, backend
+        self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.q_norm = _qk_norm(qk_norm, n_heads, head_dim, eps)
+        self.k_norm = _qk_norm(qk_norm, n_kv_heads, head_dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, dim); cos/sin (B, T, D); mask (B, 1, T, S) with S = cached + T -> (B, T, dim)."""
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out = attention(q, k, v, mask, self.backend)  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class CrossAttention(nn.Module):
+    """Attention from queries x to a context (the encoder output); no RoPE (positions live in the
+    context's own self-attention)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: str = "none", eps: float = 1e-5, backend: str = "sdpa"):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.backend = n_heads, n_kv_heads, head_dim, backend
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.q_norm = _qk_norm(qk_norm, n_heads, head_dim, eps)
+        self.k_norm = _qk_norm(qk_norm, n_kv_heads, head_dim, eps)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context (B, S, dim) -> k, v (B, Hkv, S, D); computed once per generation."""
+        b, s, _ = context.shape
+        k, v = self.wkv(context).chunk(2, dim=-1)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k.transpose(1, 2), v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, dim); kv from ``context_kv``; mask (B, 1, 1 or T, S) -> (B, T, dim)."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        out = attention(q.transpose(1, 2), kv[0], kv[1], mask, self.backend)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@dataclass
+class BlockConfig:
+    """Sizes shared by every block of a model."""
+
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_hidden: int
+    qk_norm: str = "none"
+    norm_eps: float = 1e-5
+    attention_backend: str = "sdpa"
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention, optional cross-attention, SwiGLU."""
+
+    def __init__(self, cfg: BlockConfig, cross: bool = False):
+        super().__init__()
+        hd = cfg.head_dim
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.qk_norm, cfg.norm_eps, cfg.attention_backend)
+        self.cross_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cross else None
+        self.cross = CrossAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.qk_norm, cfg.norm_eps, cfg.attention_backend) if cross else None
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, context_kv=None, context_mask=None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        if self.cross is not None:
+            x = x + self.cross(self.cross_norm(x), context_kv, context_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def z_loss(logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight * mean(logsumexp(logits)^2): keeps the softmax normaliser near 1 (PaLM, Chameleon)."""
+    return weight * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()

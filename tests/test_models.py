@@ -1,0 +1,279 @@
+"""Transformer blocks, masks and both architectures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fourm.models.build import build_model, config_from_vocab, count_parameters, load_model, make_config, save_pretrained
+from fourm.models.decoder import DecoderConfig, DecoderLM
+from fourm.models.encdec import EncDecConfig, EncoderDecoder
+from fourm.models.layers import Attention, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, prefix_lm_mask
+from fourm.vocab import SharedVocab
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "models"
+VOCAB = SharedVocab.build({"text": 120, "box_coords": 50, "rgb": 64, "depth": 64, "semseg": 64})
+
+
+def tiny_decoder(**kw) -> DecoderLM:
+    torch.manual_seed(0)
+    return DecoderLM(DecoderConfig(vocab_size=VOCAB.size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, **kw)).eval()
+
+
+def tiny_encdec(**kw) -> EncoderDecoder:
+    torch.manual_seed(0)
+    return EncoderDecoder(EncDecConfig(**config_from_vocab(VOCAB), dim=64, enc_layers=2, dec_layers=2, n_heads=4, n_kv_heads=2, **kw)).eval()
+
+
+# -- RoPE -----------------------------------------------------------------------------------------
+def test_rope_2d_matches_the_direct_formula():
+    torch.manual_seed(0)
+    d = 16
+    inv = rope_inv_freq(d, 100.0)
+    pos = torch.tensor([[[0, 0], [2, 5], [7, 1]]])  # (1, T=3, 2)
+    x = torch.randn(1, 2, 3, d)
+    cos, sin = rope_cos_sin(pos, inv)
+    got = apply_rope(x, cos, sin)
+    want = x.clone()
+    for t in range(3):
+        for i in range(d // 2):
+            angle = float(pos[0, t, i % 2]) * float(inv[i])
+            a, b = x[0, :, t, i], x[0, :, t, i + d // 2]
+            want[0, :, t, i] = a * math.cos(angle) - b * math.sin(angle)
+            want[0, :, t, i + d // 2] = b * math.cos(angle) + a * math.sin(angle)
+    torch.testing.assert_close(got, want)
+
+
+def test_rope_1d_equals_2d_on_the_diagonal_and_is_relative():
+    inv = rope_inv_freq(8)
+    p = torch.arange(6)[None]
+    c1, s1 = rope_cos_sin(p, inv)
+    c2, s2 = rope_cos_sin(torch.stack([p, p], -1), inv)
+    torch.testing.assert_close((c1, s1), (c2, s2))
+    # scores depend on relative position only: shift both by the same offset
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(torch.tensor([[pq]]), inv)
+        ck, sk = rope_cos_sin(torch.tensor([[pk]]), inv)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+    torch.testing.assert_close(score([3, 4], [1, 1]), score([13, 9], [11, 6]))
+
+
+# -- attention ------------------------------------------------------------------------------------
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    torch.manual_seed(0)
+    gqa = Attention(32, n_heads=4, n_kv_heads=2, head_dim=8)
+    mha = Attention(32, n_heads=4, n_kv_heads=4, head_dim=8)
+    q, k, v = gqa.wqkv.weight.split([32, 16, 16])
+    rep = lambda w: w.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32)
+    with torch.no_grad():
+        mha.wqkv.weight.copy_(torch.cat([q, rep(k), rep(v)]))
+        mha.wo.weight.copy_(gqa.wo.weight)
+    x = torch.randn(2, 5, 32)
+    cos, sin = rope_cos_sin(torch.arange(5)[None].expand(2, 5), rope_inv_freq(8))
+    mask = causal_mask(5).expand(2, 1, 5, 5)
+    torch.testing.assert_close(gqa(x, cos, sin, mask), mha(x, cos, sin, mask))
+
+
+def test_mha_equals_plain_multihead_formula():
+    torch.manual_seed(0)
+    att = Attention(32, n_heads=4, n_kv_heads=4, head_dim=8)
+    x = torch.randn(1, 6, 32)
+    zero = torch.zeros(1, 6, 8)
+    q, k, v = att.wqkv(x).split(32, -1)
+    heads = lambda t: t.view(1, 6, 4, 8).transpose(1, 2)
+    w = (heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(8)).softmax(-1)
+    want = att.wo((w @ heads(v)).transpose(1, 2).reshape(1, 6, 32))
+    torch.testing.assert_close(att(x, zero.cos(), zero, None), want)
+
+
+def test_attention_backends_agree():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[..., 0] = True
+    torch.testing.assert_close(attention(q, k, v, mask, "sdpa"), attention(q, k, v, mask, "reference"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(q, k, v, mask, "flash-v9")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        attention(q, k, v, mask, "xformers")
+
+
+# -- masks ----------------------------------------------------------------------------------------
+def test_mask_functions():
+    assert torch.equal(causal_mask(3)[0, 0], torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
+    assert torch.equal(causal_mask(2, 4)[0, 0], torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool))
+    m = prefix_lm_mask(torch.tensor([2, 0]), 4)
+    assert m.shape == (2, 1, 4, 4)
+    assert m[0, 0, 0, 1] and not m[0, 0, 1, 2] and m[0, 0, 3, 2] and not m[1, 0, 0, 1]
+    valid = torch.tensor([[True, True, False]])
+    b = bidirectional_mask(valid)
+    assert b[0, 0, :2, :2].all() and not b[0, 0, 0, 2] and b[0, 0, 2].tolist() == [False, False, True]  # no empty row
+    mod = torch.tensor([[0, 0, 1, 1, 1]])
+    causal = torch.tensor([[False, False, True, True, True]])
+    d = modality_decoder_mask(mod, causal, torch.ones(1, 5, dtype=torch.bool))[0, 0]
+    assert d[0, 1] and d[1, 0] and not d[0, 2]  # image targets: bidirectional within modality only
+    assert d[3, 2] and not d[2, 3] and not d[2, 0]  # sequence targets: causal within modality
+
+
+def test_causal_and_prefix_lm_information_flow():
+    model = tiny_decoder()
+    ids = torch.randint(4, VOCAB.size, (1, 10))
+    changed = ids.clone()
+    changed[0, 7] = (ids[0, 7] + 1) % VOCAB.size
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+        assert torch.equal(a[0, :7], b[0, :7]) and not torch.allclose(a[0, 7:], b[0, 7:])
+        p = torch.tensor([5])
+        a, b = model(ids, prefix_len=p).logits, model(changed, prefix_len=p).logits
+        assert torch.equal(a[0, :7], b[0, :7])  # a later target never reaches back
+        changed = ids.clone()
+        changed[0, 3] = (ids[0, 3] + 1) % VOCAB.size  # inside the prefix
+        c = model(changed, prefix_len=p).logits
+        assert not torch.allclose(a[0, :3], c[0, :3])  # prefix is bidirectional: earlier logits move
+        assert torch.equal(model(ids).logits[0, :3], model(changed).logits[0, :3])  # but not under causal
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    model = tiny_decoder(qk_norm="rms")
+    ids = torch.randint(4, VOCAB.size, (2, 9))
+    pos = torch.stack([torch.arange(9), torch.arange(9) * 2 % 5], -1)[None].expand(2, 9, 2)
+    with torch.no_grad():
+        full = model(ids, positions=pos).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :4], positions=pos[:, :4], past_key_values=cache).logits]
+        for t in range(4, 9):
+            steps.append(model(ids[:, t : t + 1], positions=pos[:, t : t + 1], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_loss_is_shifted_next_token_cross_entropy():
+    model = tiny_decoder(z_loss=0.0)
+    ids = torch.randint(4, VOCAB.size, (2, 6))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    out = model(ids, labels=labels)
+    want = torch.nn.functional.cross_entropy(out.logits[:, 1:-1].reshape(-1, VOCAB.size), ids[:, 2:].reshape(-1))
+    torch.testing.assert_close(out.loss, want)
+
+
+# -- encoder-decoder ------------------------------------------------------------------------------
+def _encdec_batch(model: EncoderDecoder):
+    rgb, cap = model.modality_index("rgb"), model.modality_index("caption")
+    enc_ids = VOCAB.to_global("rgb", torch.randint(0, 64, (2, 6)))
+    enc_mod = torch.full((2, 6), rgb)
+    grid = torch.tensor([[r, c] for r in range(2) for c in range(3)])
+    enc_pos = grid[None].expand(2, 6, 2)
+    enc_valid = torch.ones(2, 6, dtype=torch.bool)
+    enc_valid[1, 5] = False
+    text = VOCAB.to_global("text", torch.randint(0, 120, (2, 4)))
+    dec_ids = torch.cat([torch.full((2, 3), VOCAB.mask_id), torch.full((2, 1), VOCAB.bos_id), text[:, :3]], 1)
+    dec_mod = torch.tensor([[model.modality_index("depth")] * 3 + [cap] * 4] * 2)
+    dec_pos = torch.cat([grid[:3], torch.arange(4)[:, None].expand(4, 2)])[None].expand(2, 7, 2)
+    causal = dec_mod == cap
+    labels = torch.cat([VOCAB.to_global("depth", torch.randint(0, 64, (2, 3))), text], 1)
+    return dict(enc_ids=enc_ids, enc_modality=enc_mod, enc_positions=enc_pos, enc_valid=enc_valid, dec_ids=dec_ids, dec_modality=dec_mod, dec_positions=dec_pos, dec_causal=causal, dec_valid=torch.ones(2, 7, dtype=torch.bool)), labels
+
+
+def test_encdec_restricts_logits_and_trains():
+    model = tiny_encdec(z_loss=1e-4).train()
+    batch, labels = _encdec_batch(model)
+    out = model(**batch, labels=labels)
+    depth, text = VOCAB.space_range("depth"), VOCAB.space_range("text")
+    finite = torch.isfinite(out.logits)
+    assert finite[0, 0, depth.start : depth.stop].all() and finite[0, 0].sum() == 64
+    assert finite[0, 4, text.start : text.stop].all() and finite[0, 4, VOCAB.eos_id] and finite[0, 4].sum() == 121
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.embed.weight.grad is not None
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = float(out.loss.detach())
+    for _ in range(30):
+        opt.zero_grad()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+
+
+def test_encdec_information_flow():
+    model = tiny_encdec()
+    batch, _ = _encdec_batch(model)
+    with torch.no_grad():
+        base = model(**batch).logits
+        later = dict(batch, dec_ids=batch["dec_ids"].clone())
+        later["dec_ids"][:, 6] = VOCAB.space_range("text").start + 7  # a later caption token
+        out = model(**later).logits
+        torch.testing.assert_close(out[:, :6], base[:, :6])  # earlier caption and depth targets unchanged
+        masked_enc = dict(batch, enc_ids=batch["enc_ids"].clone())
+        masked_enc["enc_ids"][1, 5] = VOCAB.space_range("rgb").start  # a padding input token
+        torch.testing.assert_close(model(**masked_enc).logits[1], base[1])
+        masked_enc["enc_ids"][0, 0] = VOCAB.space_range("rgb").start + 9  # a visible input token
+        assert not torch.allclose(model(**masked_enc).logits[0], base[0])
+
+
+# -- presets, save/load ---------------------------------------------------------------------------
+NOMINAL = {"b": 198e6, "l": 705e6, "xl": 2.8e9}  # 4M-B/L/XL sizes without embeddings
+
+
+def _expected_params(cfg) -> int:
+    d, hd = cfg.dim, cfg.dim // cfg.n_heads
+    attn = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
+    qk = {"none": 0, "rms": 2 * hd, "layernorm": 2 * (cfg.n_heads + cfg.n_kv_heads) * hd}[cfg.qk_norm]
+    block = attn + qk + 3 * d * cfg.mlp_hidden + 2 * d
+    if cfg.arch == "decoder":
+        return cfg.n_layers * block + d
+    cross = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d + qk + d
+    return cfg.enc_layers * block + cfg.dec_layers * (block + cross) + 2 * d + len(cfg.modalities) * d
+
+
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_builds_with_the_expected_size(path):
+    with torch.device("meta"):
+        model = build_model(path, vocab=VOCAB)
+    n = count_parameters(model, exclude_embeddings=True)
+    assert n == _expected_params(model.config)
+    arch, size = path.stem.split("_")
+    if size in NOMINAL:
+        ratio = n / NOMINAL[size]
+        if arch == "encdec":
+            assert abs(ratio - 1) < 0.05, (path.stem, n)
+        else:  # as many layers in all, without cross-attention
+            assert 0.8 < ratio < 0.9, (path.stem, n)
+
+
+def test_build_from_dataclass_dict_yaml_and_errors(tmp_path):
+    cfg = make_config({"arch": "encdec", "dim": 32, "n_heads": 2, "n_kv_heads": 1})
+    assert isinstance(cfg, EncDecConfig) and cfg.mlp_hidden == 128
+    assert isinstance(build_model(DecoderConfig(vocab_size=10, dim=16, n_heads=2, n_kv_heads=2)), DecoderLM)
+    with pytest.raises(Exception, match="arch"):
+        make_config({"arch": "rnn"})
+    with pytest.raises(Exception, match="bogus"):
+        make_config({"arch": "decoder", "bogus": 1})
+    with pytest.raises(Exception, match="multiple"):
+        make_config({"arch": "decoder", "dim": 32, "n_heads": 4, "n_kv_heads": 3})
+
+
+@pytest.mark.parametrize("factory", [tiny_decoder, tiny_encdec], ids=["decoder", "encdec"])
+def test_save_load_round_trip_is_exact(factory, tmp_path):
+    model = factory()
+    save_pretrained(model, tmp_path / "m", vocab=VOCAB)
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "vocab.json").is_file()
+    loaded = load_model(tmp_path / "m")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path / "nothing")
+
+
+def test_tied_embeddings_save_once(tmp_path):
+    model = tiny_decoder(tie_embeddings=True)
+    assert model.lm_head.weight is model.embed.weight
+    save_pretrained(model, tmp_path / "t")
+    loaded = load_model(tmp_path / "t")
+    assert loaded.lm_head.weight is loaded.embed.weight and torch.equal(loaded.embed.weight, model.embed.weight)
