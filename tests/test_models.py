@@ -277,3 +277,49 @@ def test_tied_embeddings_save_once(tmp_path):
     save_pretrained(model, tmp_path / "t")
     loaded = load_model(tmp_path / "t")
     assert loaded.lm_head.weight is loaded.embed.weight and torch.equal(loaded.embed.weight, model.embed.weight)
+
+
+def test_encdec_cached_decoding_equals_full():
+    model = tiny_encdec()
+    cap = model.modality_index("caption")
+    enc_ids = VOCAB.to_global("rgb", torch.randint(0, 64, (1, 6)))
+    enc_mod, enc_pos, enc_valid = torch.full((1, 6), model.modality_index("rgb")), torch.arange(6)[None], torch.ones(1, 6, dtype=torch.bool)
+    dec_ids = torch.cat([torch.tensor([[VOCAB.bos_id]]), VOCAB.to_global("text", torch.randint(0, 120, (1, 5)))], 1)
+    mod, pos, causal, valid = torch.full((1, 6), cap), torch.arange(6)[None], torch.ones(1, 6, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)
+    with torch.no_grad():
+        enc = model.encode(enc_ids, enc_mod, enc_pos, enc_valid)
+        full = model.decode(enc, enc_valid, dec_ids, mod, pos, causal, valid)
+        cache, kvs = model.new_cache(), model.context_kvs(enc)
+        steps = [model.decode(enc, enc_valid, dec_ids[:, t : t + 1], mod[:, t : t + 1], pos[:, t : t + 1], causal[:, t : t + 1], valid[:, t : t + 1], cache=cache, context_kvs=kvs) for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_pack_sequence_layout():
+    from fourm.models.sequence import pack_sequence
+
+    caption = VOCAB.to_global("text", torch.tensor([5, 6, 7]))
+    rgb = VOCAB.to_global("rgb", torch.arange(4))
+    seq = pack_sequence([("caption", caption), ("rgb", rgb)], VOCAB, grids={"rgb": 2})
+    assert seq.ids.tolist() == [VOCAB.bos_id, VOCAB.begin_id("caption"), *caption.tolist(), VOCAB.end_id("caption"), VOCAB.begin_id("rgb"), *rgb.tolist(), VOCAB.end_id("rgb")]
+    assert seq.positions[:7].tolist() == [[p, p] for p in range(7)]
+    assert seq.positions[7:11].tolist() == [[7, 7], [7, 8], [8, 7], [8, 8]]  # 2x2 grid from step 7
+    assert seq.positions[11].tolist() == [9, 9]  # resumes after g = 2 steps
+    assert seq.spans == {"caption": (2, 5), "rgb": (7, 11)}
+    assert (seq.modality[7:11] == list(VOCAB.modalities).index("rgb")).all() and seq.modality[0] == -1
+    model = tiny_decoder()
+    with torch.no_grad():
+        out = model(seq.ids[None], labels=seq.ids[None], positions=seq.positions[None])
+    assert out.logits.shape == (1, 12, VOCAB.size) and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="2x2 grid"):
+        pack_sequence([("rgb", rgb[:3])], VOCAB, grids={"rgb": 2})
+
+
+def test_from_pretrained_checks_the_class(tmp_path):
+    model = tiny_encdec()
+    model.save_pretrained(tmp_path / "e", vocab=VOCAB)
+    assert isinstance(EncoderDecoder.from_pretrained(tmp_path / "e"), EncoderDecoder)
+    import fourm
+
+    assert isinstance(fourm.load_model(tmp_path / "e"), EncoderDecoder)
+    with pytest.raises(TypeError, match="not a DecoderLM"):
+        DecoderLM.from_pretrained(tmp_path / "e")

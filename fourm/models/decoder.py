@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fourm.models.pretrained import Pretrained
+
 from fourm.models.layers import Block, BlockConfig, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 
@@ -64,7 +66,7 @@ class CausalLMOutput:
     past_key_values: list[KVCache] | None = None
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(nn.Module, Pretrained):
     """Token embedding -> blocks -> RMSNorm -> LM head."""
 
     def __init__(self, config: DecoderConfig):

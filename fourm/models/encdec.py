@@ -16,9 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fourm.models.pretrained import Pretrained
+
 from fourm.models.decoder import IGNORE_INDEX, _init_weights, llama_mlp_hidden
-from fourm.models.layers import Block, BlockConfig, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
-from fourm.models.masks import bidirectional_mask, modality_decoder_mask, padding_mask
+from fourm.models.layers import Block, BlockConfig, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
+from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Seq2SeqOutput:
     encoder_out: torch.Tensor | None = None  # (B, S, dim)
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(nn.Module, Pretrained):
     """Any subset of modalities in, any subset out (see the module docstring)."""
 
     def __init__(self, config: EncDecConfig):
@@ -106,18 +108,45 @@ class EncoderDecoder(nn.Module):
             x = block(x, cos, sin, mask)
         return self.enc_norm(x)
 
-    def decode(self, encoder_out: torch.Tensor, enc_valid: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, causal: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def context_kvs(self, encoder_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per decoder layer cross-attention keys/values of the encoder output; compute once per
+        generation and pass to ``decode``."""
+        return [block.cross.context_kv(encoder_out) for block in self.decoder]
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.decoder]
+
+    def decode(
+        self,
+        encoder_out: torch.Tensor,
+        enc_valid: torch.Tensor,
+        ids: torch.Tensor,
+        modality: torch.Tensor,
+        positions: torch.Tensor,
+        causal: torch.Tensor,
+        valid: torch.Tensor,
+        cache: list[KVCache] | None = None,
+        context_kvs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """Decoder -> logits (B, T, V) restricted to each token's modality range.
 
         ids: (B, T) [MASK] for image-like targets, shifted tokens for sequence targets;
         modality, causal, valid: (B, T); positions (B, T, 2) or (B, T).
+        cache: per-layer self-attention caches for step-by-step decoding of one sequence target
+            (every cached token belongs to that target, so the mask is causal over cache + new).
+        context_kvs: from ``context_kvs(encoder_out)``, to skip recomputing them each step.
         """
         x = self.embed(ids) + self.modality_embed(modality)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        mask = modality_decoder_mask(modality, causal, valid)
+        if cache is not None:
+            past, t = cache[0].length, ids.shape[1]
+            mask = causal_mask(t, past + t, device=ids.device).expand(ids.shape[0], 1, t, past + t)
+        else:
+            mask = modality_decoder_mask(modality, causal, valid)
         cross_mask = padding_mask(enc_valid)
-        for block in self.decoder:
-            x = block(x, cos, sin, mask, context_kv=block.cross.context_kv(encoder_out), context_mask=cross_mask)
+        kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out)
+        for i, block in enumerate(self.decoder):
+            x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask)
         logits = self.lm_head(self.dec_norm(x))
         return logits.masked_fill(~self.allowed[modality], float("-inf"))
 
