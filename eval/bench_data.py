@@ -8,14 +8,13 @@ Prints a Markdown table (the README's) and optionally writes the figures as JSON
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import tempfile
 import time
 
-from fourm.cli import ArgumentParser, positive_int, run, setup_logging
+from fourm.cli import ArgumentParser, markdown_table, positive_int, run, setup_logging, write_json
 from fourm.data.loader import LoaderConfig, build_loader
 from fourm.data.synth.generate import generate_dataset
 
@@ -46,12 +45,8 @@ def main(argv=None) -> int:
             for mods in (("rgb", "depth", "semseg", "boxes", "caption"),):
                 rows.append({"what": "read + decode 64x64 (5 modalities)", "workers": workers, "per_second": round(_read_speed(path64, workers, mods), 1), "unit": "samples/s"})
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    print("| what | workers | speed |\n| --- | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['what']} | {r['workers']} | {r['per_second']} {r['unit']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    print(markdown_table(["what", "workers", "speed"], [[r["what"], r["workers"], f"{r['per_second']} {r['unit']}"] for r in rows]))
+    write_json(args.json, result)
     return 0
 
 

@@ -44,6 +44,22 @@ positive_int = _int_at_least(1, "positive")  # argparse type: an integer >= 1
 non_negative_int = _int_at_least(0, "non-negative")  # argparse type: an integer >= 0
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table; the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(headers) - 1)) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | None, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (nothing when path is None)."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr as ``LEVEL name: message``; only rank 0 logs below WARNING under torchrun."""
     import os

@@ -9,11 +9,10 @@ rate; codebook usage and perplexity per image tokenizer.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
-from fourm.cli import ArgumentParser, UsageError, non_negative_int, run, setup_logging
+from fourm.cli import ArgumentParser, UsageError, markdown_table, non_negative_int, run, setup_logging, write_json
 from fourm.data.shards import require_shards
 from fourm.tokenizers.evaluation import evaluate_tokenizer_set
 from fourm.tokenizers.tokenizer_set import TokenizerSet
@@ -42,15 +41,9 @@ def main(argv=None) -> int:
         result = evaluate_tokenizer_set(tset, args.data, max_samples=args.max_samples, progress=not args.quiet)
     except ValueError as exn:  # data that does not fit the tokenizers (image size, class ids)
         raise UsageError(str(exn)) from None
-    lines = ["| modality | metric | value |", "| --- | --- | ---: |"]
-    for m, keys in HEADLINE.items():
-        for k in keys:
-            if m in result and k in result[m]:
-                lines.append(f"| {m} | {k} | {result[m][k]:.4f} |")
-    print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    rows = [[m, k, f"{result[m][k]:.4f}"] for m, keys in HEADLINE.items() for k in keys if m in result and k in result[m]]
+    print(markdown_table(["modality", "metric", "value"], rows))
+    write_json(args.json, result)
     return 0
 
 

@@ -8,55 +8,27 @@ with ``.logits`` and ``.loss`` (next-token cross-entropy, labels shifted inside,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fourm.models.pretrained import Pretrained
-
-from fourm.models.layers import Block, BlockConfig, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
+from fourm.models.config import TransformerConfig
+from fourm.models.layers import Block, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
+from fourm.models.pretrained import Pretrained
 
 IGNORE_INDEX = -100
 
 
-def llama_mlp_hidden(dim: int, multiple_of: int = 64) -> int:
-    """Llama's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple."""
-    hidden = int(2 * 4 * dim / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 @dataclass
-class DecoderConfig:
-    """A decoder-only model. ``vocab_size`` comes from the tokenizer set's vocabulary."""
+class DecoderConfig(TransformerConfig):
+    """A decoder-only model (see ``TransformerConfig`` for the shared fields)."""
 
+    ARCH: ClassVar[str] = "decoder"
     arch: str = "decoder"
-    vocab_size: int = 0
-    dim: int = 256
     n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    mlp_hidden: int = 0  # 0: Llama's rule from dim
-    qk_norm: str = "none"  # none | rms | layernorm (Chameleon)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    z_loss: float = 0.0
-    attention_backend: str = "sdpa"
-
-    def __post_init__(self) -> None:
-        if self.arch != "decoder":
-            raise ValueError(f"DecoderConfig.arch must be 'decoder', got {self.arch!r}")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.mlp_hidden == 0:
-            self.mlp_hidden = llama_mlp_hidden(self.dim)
-
-    def block_config(self) -> BlockConfig:
-        return BlockConfig(self.dim, self.n_heads, self.n_kv_heads, self.mlp_hidden, self.qk_norm, self.norm_eps, self.attention_backend)
 
 
 @dataclass

@@ -11,53 +11,31 @@ each target's modality range.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fourm.models.pretrained import Pretrained
-
-from fourm.models.decoder import IGNORE_INDEX, _init_weights, llama_mlp_hidden
-from fourm.models.layers import Block, BlockConfig, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
+from fourm.models.config import TransformerConfig
+from fourm.models.decoder import IGNORE_INDEX, _init_weights
+from fourm.models.layers import Block, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
+from fourm.models.pretrained import Pretrained
 
 
 @dataclass
-class EncDecConfig:
-    """An encoder-decoder model. ``vocab_size``, ``modalities`` and ``modality_ranges`` come from the
-    tokenizer set's vocabulary (``fourm.models.build.config_from_vocab``)."""
+class EncDecConfig(TransformerConfig):
+    """An encoder-decoder model (see ``TransformerConfig`` for the shared fields). ``modalities``
+    and ``modality_ranges`` come from the vocabulary (``fourm.models.build.config_from_vocab``)."""
 
+    ARCH: ClassVar[str] = "encdec"
     arch: str = "encdec"
-    vocab_size: int = 0
     modalities: list[str] = field(default_factory=list)
     # modality -> list of [start, stop) id ranges its targets may take (EOS included for sequences)
     modality_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
-    dim: int = 256
     enc_layers: int = 4
     dec_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    mlp_hidden: int = 0
-    qk_norm: str = "none"
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    z_loss: float = 0.0
-    attention_backend: str = "sdpa"
-
-    def __post_init__(self) -> None:
-        if self.arch != "encdec":
-            raise ValueError(f"EncDecConfig.arch must be 'encdec', got {self.arch!r}")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.mlp_hidden == 0:
-            self.mlp_hidden = llama_mlp_hidden(self.dim)
-
-    def block_config(self) -> BlockConfig:
-        return BlockConfig(self.dim, self.n_heads, self.n_kv_heads, self.mlp_hidden, self.qk_norm, self.norm_eps, self.attention_backend)
 
 
 @dataclass

@@ -1,0 +1,47 @@
+"""What both architectures' configs share: the block sizes and their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fourm.models.layers import BlockConfig
+
+
+def llama_mlp_hidden(dim: int, multiple_of: int = 64) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class TransformerConfig:
+    """Fields common to ``DecoderConfig`` and ``EncDecConfig``; ``vocab_size`` comes from the
+    tokenizer set's vocabulary."""
+
+    ARCH: ClassVar[str] = ""
+    arch: str = ""
+    vocab_size: int = 0
+    dim: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    mlp_hidden: int = 0  # 0: Llama's rule from dim
+    qk_norm: str = "none"  # none | rms | layernorm (Chameleon)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    z_loss: float = 0.0
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.arch != self.ARCH:
+            raise ValueError(f"{type(self).__name__}.arch must be {self.ARCH!r}, got {self.arch!r}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.mlp_hidden == 0:
+            self.mlp_hidden = llama_mlp_hidden(self.dim)
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(self.dim, self.n_heads, self.n_kv_heads, self.mlp_hidden, self.qk_norm, self.norm_eps, self.attention_backend)
