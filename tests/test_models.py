@@ -187,7 +187,8 @@ def test_encdec_restricts_logits_and_trains():
     depth, text = VOCAB.space_range("depth"), VOCAB.space_range("text")
     finite = torch.isfinite(out.logits)
     assert finite[0, 0, depth.start : depth.stop].all() and finite[0, 0].sum() == 64
-    assert finite[0, 4, text.start : text.stop].all() and finite[0, 4, VOCAB.eos_id] and finite[0, 4].sum() == 121
+    assert finite[0, 4, text.start : text.stop].all() and finite[0, 4, VOCAB.eos_id] and finite[0, 4, VOCAB.sentinel_id(0)]
+    assert finite[0, 4].sum() == 120 + 1 + VOCAB.num_sentinels
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.embed.weight.grad is not None
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

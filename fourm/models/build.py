@@ -28,12 +28,17 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def config_from_vocab(vocab: SharedVocab) -> dict:
-    """The vocabulary-derived fields of a model config: vocab_size, modalities, modality_ranges."""
+    """The vocabulary-derived fields of a model config: vocab_size, modalities, modality_ranges.
+
+    Sequence modalities may also emit [EOS] and the span-masking sentinels (their span-masked
+    targets are ``<extra_id_k> tokens ...``)."""
     ranges = {}
     for m in vocab.modalities:
         spans = [[vocab.space_range(s).start, vocab.space_range(s).stop] for s in vocab.modalities[m]]
         if vocab.ends_with_eos(m):
             spans.append([vocab.eos_id, vocab.eos_id + 1])
+            if vocab.num_sentinels:
+                spans.append([vocab.sentinel_id(0), vocab.sentinel_id(vocab.num_sentinels - 1) + 1])
         ranges[m] = spans
     return {"vocab_size": vocab.size, "modalities": list(vocab.modalities), "modality_ranges": ranges}
 

@@ -1,0 +1,187 @@
+"""Training examples from token dicts: what the models' forwards take.
+
+- ``encdec_example``: a 4M masking plan -> encoder inputs (visible tokens, modality, 2D/1D
+  positions) and decoder targets ([MASK] queries for image-like targets, teacher-forced sequences).
+- ``decoder_example``: modalities in a random order as one sequence; next-token (everything is a
+  target) or PrefixLM (the first k modalities are the condition: bidirectional, no loss).
+- ``collate_encdec`` / ``collate_decoder`` pad a list of examples into batch tensors.
+
+Conditioning dropout (for classifier-free guidance): the encoder sees only a [BOS] "null
+condition" token, or the decoder-only sequence has no condition segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fourm.models.decoder import IGNORE_INDEX
+from fourm.models.sequence import pack_sequence
+from fourm.objectives.masking import ModalityPlan
+from fourm.vocab import SharedVocab
+
+
+@dataclass
+class EncDecExample:
+    """One sample for ``EncoderDecoder``: enc_* (S,), dec_* and labels (T,), positions (., 2)."""
+
+    enc_ids: np.ndarray
+    enc_modality: np.ndarray
+    enc_positions: np.ndarray
+    dec_ids: np.ndarray
+    dec_modality: np.ndarray
+    dec_positions: np.ndarray
+    dec_causal: np.ndarray
+    labels: np.ndarray
+
+
+def _grid_positions(idx: np.ndarray, grid: int) -> np.ndarray:
+    return np.stack([idx // grid, idx % grid], -1)
+
+
+def _line_positions(n: int) -> np.ndarray:
+    p = np.arange(n)
+    return np.stack([p, p], -1)
+
+
+def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], vocab: SharedVocab, grids: dict[str, int], drop_condition: bool = False) -> EncDecExample:
+    """Apply a masking plan (``plan_masking``) to one sample's tokens.
+
+    Sequence targets are teacher-forced: decoder input ``[BOS] t0 .. t(L-1)``, labels
+    ``t0 .. t(L-1) [EOS]``, causal within the modality.
+    """
+    names = list(vocab.modalities)
+    enc = {"ids": [], "mod": [], "pos": []}
+    dec = {"ids": [], "mod": [], "pos": [], "causal": [], "labels": []}
+    for plan in plans:
+        m, mi = plan.name, names.index(plan.name)
+        if plan.input_idx is not None:  # image-like
+            g = grids[m]
+            if len(plan.input_idx) and not drop_condition:
+                enc["ids"].append(tokens[m][plan.input_idx])
+                enc["mod"].append(np.full(len(plan.input_idx), mi))
+                enc["pos"].append(_grid_positions(plan.input_idx, g))
+            if len(plan.target_idx):
+                n = len(plan.target_idx)
+                dec["ids"].append(np.full(n, vocab.mask_id))
+                dec["mod"].append(np.full(n, mi))
+                dec["pos"].append(_grid_positions(plan.target_idx, g))
+                dec["causal"].append(np.zeros(n, bool))
+                dec["labels"].append(tokens[m][plan.target_idx])
+            continue
+        if plan.input_ids is not None and len(plan.input_ids) and not drop_condition:
+            enc["ids"].append(plan.input_ids)
+            enc["mod"].append(np.full(len(plan.input_ids), mi))
+            enc["pos"].append(_line_positions(len(plan.input_ids)))
+        if plan.target_ids is not None and len(plan.target_ids):
+            t = plan.target_ids
+            n = len(t) + 1
+            dec["ids"].append(np.concatenate([[vocab.bos_id], t]))
+            dec["mod"].append(np.full(n, mi))
+            dec["pos"].append(_line_positions(n))
+            dec["causal"].append(np.ones(n, bool))
+            dec["labels"].append(np.concatenate([t, [vocab.eos_id]]))
+    if not enc["ids"]:  # nothing visible (or dropped): one [BOS] as the null condition
+        first = dec["mod"][0][0] if dec["mod"] else 0
+        enc = {"ids": [np.array([vocab.bos_id])], "mod": [np.array([first])], "pos": [np.zeros((1, 2), np.int64)]}
+    cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+    return EncDecExample(
+        enc_ids=cat(enc["ids"], np.int64), enc_modality=cat(enc["mod"], np.int64), enc_positions=np.concatenate(enc["pos"]).astype(np.int64),
+        dec_ids=cat(dec["ids"], np.int64), dec_modality=cat(dec["mod"], np.int64),
+        dec_positions=np.concatenate(dec["pos"]).astype(np.int64) if dec["pos"] else np.zeros((0, 2), np.int64),
+        dec_causal=cat(dec["causal"], bool), labels=cat(dec["labels"], np.int64),
+    )
+
+
+def prefix_plans(tokens: dict[str, np.ndarray], kinds: dict[str, str], rng: np.random.Generator, n_condition: int | None = None) -> list[ModalityPlan]:
+    """Whole modalities as condition or target for the encoder-decoder: a random order, the first
+    ``n_condition`` (random in [0, M-1] when None) fully visible, the rest fully predicted."""
+    names = [list(tokens)[i] for i in rng.permutation(len(tokens))]
+    k = int(rng.integers(0, len(names))) if n_condition is None else n_condition
+    plans = []
+    for j, m in enumerate(names):
+        plan = ModalityPlan(m)
+        everything, nothing = np.arange(len(tokens[m])), np.zeros(0, np.int64)
+        if kinds[m] == "image":
+            plan.input_idx, plan.target_idx = (everything, nothing) if j < k else (nothing, everything)
+        elif j < k:
+            plan.role, plan.input_ids = "input", tokens[m]
+        else:
+            plan.role, plan.target_ids = "target", tokens[m]
+        plans.append(plan)
+    return plans
+
+
+@dataclass
+class DecoderExample:
+    """One sample for ``DecoderLM``: ids, labels, modality (T,), positions (T, 2), prefix length."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    positions: np.ndarray
+    modality: np.ndarray
+    prefix_len: int
+
+
+def decoder_example(tokens: dict[str, np.ndarray], vocab: SharedVocab, grids: dict[str, int], rng: np.random.Generator, n_condition: int = 0, drop_condition: bool = False) -> DecoderExample:
+    """Modalities in a random order as one sequence; the first ``n_condition`` are the PrefixLM
+    condition (0: plain next-token). Loss on target content tokens and their end tags; begin tags
+    are given at inference, so they carry no loss."""
+    names = [list(tokens)[i] for i in rng.permutation(len(tokens))]
+    condition, targets = names[:n_condition], names[n_condition:]
+    if drop_condition:
+        condition = []
+    seq = pack_sequence([(m, tokens[m]) for m in condition + targets], vocab, grids)
+    ids = seq.ids.numpy()
+    labels = np.full_like(ids, IGNORE_INDEX)
+    prefix_len = 1
+    for m in condition:
+        prefix_len = seq.spans[m][1] + 1  # through its end tag
+    for m in targets:
+        start, stop = seq.spans[m]
+        labels[start : stop + 1] = ids[start : stop + 1]  # content + end tag
+    return DecoderExample(ids=ids, labels=labels, positions=seq.positions.numpy(), modality=seq.modality.numpy(), prefix_len=prefix_len if condition else 0)
+
+
+def _pad(arrays: list[np.ndarray], value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D (or (L, 2)) arrays -> (B, L_max[, 2]) and a (B, L_max) validity mask."""
+    n = max(1, max(len(a) for a in arrays))
+    shape = (len(arrays), n) + arrays[0].shape[1:]
+    out = torch.full(shape, value, dtype=dtype)
+    valid = torch.zeros(len(arrays), n, dtype=torch.bool)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = torch.as_tensor(a, dtype=dtype)
+        valid[i, : len(a)] = True
+    return out, valid
+
+
+def collate_encdec(examples: list[EncDecExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Batch for ``EncoderDecoder.forward(**batch)`` (labels included, -100 at padding)."""
+    enc_ids, enc_valid = _pad([e.enc_ids for e in examples], pad_id)
+    dec_ids, dec_valid = _pad([e.dec_ids for e in examples], pad_id)
+    return {
+        "enc_ids": enc_ids, "enc_valid": enc_valid,
+        "enc_modality": _pad([e.enc_modality for e in examples], 0)[0],
+        "enc_positions": _pad([e.enc_positions for e in examples], 0)[0],
+        "dec_ids": dec_ids, "dec_valid": dec_valid,
+        "dec_modality": _pad([e.dec_modality for e in examples], 0)[0],
+        "dec_positions": _pad([e.dec_positions for e in examples], 0)[0],
+        "dec_causal": _pad([e.dec_causal for e in examples], False, torch.bool)[0],
+        "labels": _pad([e.labels for e in examples], IGNORE_INDEX)[0],
+    }
+
+
+def collate_decoder(examples: list[DecoderExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Batch for ``DecoderLM.forward(**batch)``: input_ids, labels, positions, attention_mask and
+    prefix_len (None when every example is plain next-token)."""
+    ids, valid = _pad([e.ids for e in examples], pad_id)
+    prefix = torch.tensor([e.prefix_len for e in examples])
+    return {
+        "input_ids": ids,
+        "labels": _pad([e.labels for e in examples], IGNORE_INDEX)[0],
+        "positions": _pad([e.positions for e in examples], 0)[0],
+        "attention_mask": valid.long(),
+        "prefix_len": prefix if bool((prefix > 0).any()) else None,
+    }
