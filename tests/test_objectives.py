@@ -157,6 +157,8 @@ def test_mixed_batches_run_through_the_models(arch):
     else:
         model = DecoderLM(DecoderConfig(vocab_size=VOCAB.size, dim=32, n_layers=1, n_heads=2, n_kv_heads=2))
         batch = collate_decoder([e for e, _ in pairs[:8]])
+    label_modality = batch.pop("label_modality")
+    assert label_modality.shape == batch["labels"].shape and (label_modality[batch["labels"] != -100] >= 0).all()
     out = model(**batch)
     assert torch.isfinite(out.loss) and torch.isfinite(out.logits[torch.isfinite(out.logits)]).all()
     out.loss.backward()

@@ -116,7 +116,8 @@ def prefix_plans(tokens: dict[str, np.ndarray], kinds: dict[str, str], rng: np.r
 
 @dataclass
 class DecoderExample:
-    """One sample for ``DecoderLM``: ids, labels, modality (T,), positions (T, 2), prefix length."""
+    """One sample for ``DecoderLM``: ids, labels, modality (T,) (-1 for [BOS] and begin tags; an end
+    tag counts for its modality), positions (T, 2), prefix length."""
 
     ids: np.ndarray
     labels: np.ndarray
@@ -142,7 +143,11 @@ def decoder_example(tokens: dict[str, np.ndarray], vocab: SharedVocab, grids: di
     for m in targets:
         start, stop = seq.spans[m]
         labels[start : stop + 1] = ids[start : stop + 1]  # content + end tag
-    return DecoderExample(ids=ids, labels=labels, positions=seq.positions.numpy(), modality=seq.modality.numpy(), prefix_len=prefix_len if condition else 0)
+    modality = seq.modality.numpy().copy()
+    for t in range(1, len(modality)):  # an end tag counts for the modality it closes
+        if modality[t] < 0 and modality[t - 1] >= 0:
+            modality[t] = modality[t - 1]
+    return DecoderExample(ids=ids, labels=labels, positions=seq.positions.numpy(), modality=modality, prefix_len=prefix_len if condition else 0)
 
 
 def _pad(arrays: list[np.ndarray], value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +163,10 @@ def _pad(arrays: list[np.ndarray], value, dtype=torch.long) -> tuple[torch.Tenso
 
 
 def collate_encdec(examples: list[EncDecExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Batch for ``EncoderDecoder.forward(**batch)`` (labels included, -100 at padding)."""
+    """Batch for ``EncoderDecoder.forward(**batch)`` (labels included, -100 at padding).
+
+    ``label_modality`` (B, T) is not a forward argument: the training loop pops it to group the
+    loss by modality."""
     enc_ids, enc_valid = _pad([e.enc_ids for e in examples], pad_id)
     dec_ids, dec_valid = _pad([e.dec_ids for e in examples], pad_id)
     return {
@@ -170,12 +178,14 @@ def collate_encdec(examples: list[EncDecExample], pad_id: int = 0) -> dict[str, 
         "dec_positions": _pad([e.dec_positions for e in examples], 0)[0],
         "dec_causal": _pad([e.dec_causal for e in examples], False, torch.bool)[0],
         "labels": _pad([e.labels for e in examples], IGNORE_INDEX)[0],
+        "label_modality": _pad([e.dec_modality for e in examples], -1)[0],
     }
 
 
 def collate_decoder(examples: list[DecoderExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Batch for ``DecoderLM.forward(**batch)``: input_ids, labels, positions, attention_mask and
-    prefix_len (None when every example is plain next-token)."""
+    prefix_len (None when every example is plain next-token); plus ``label_modality`` (B, T),
+    which the training loop pops (see ``collate_encdec``)."""
     ids, valid = _pad([e.ids for e in examples], pad_id)
     prefix = torch.tensor([e.prefix_len for e in examples])
     return {
@@ -184,4 +194,5 @@ def collate_decoder(examples: list[DecoderExample], pad_id: int = 0) -> dict[str
         "positions": _pad([e.positions for e in examples], 0)[0],
         "attention_mask": valid.long(),
         "prefix_len": prefix if bool((prefix > 0).any()) else None,
+        "label_modality": _pad([e.modality for e in examples], -1)[0],
     }

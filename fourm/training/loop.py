@@ -1,0 +1,241 @@
+"""The training loop: one loop for every engine (single process, DDP, DeepSpeed ZeRO-2/3).
+
+Run length by steps or tokens; AdamW, warm-up + cosine; gradient accumulation and clipping;
+loss per modality (4M's mean over modalities, or per token); tqdm and ``metrics.jsonl`` on rank 0;
+atomic checkpoints every N steps and at the end; ``resume`` continues from the newest checkpoint
+as if never stopped; the final weights go to ``OUT/final/`` as a ``from_pretrained`` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from fourm.config import to_dict
+from fourm.models.build import build_model, load_model, save_pretrained
+from fourm.models.decoder import IGNORE_INDEX
+from fourm.models.layers import z_loss
+from fourm.modalities import MODALITIES
+from fourm.objectives.mixture import ObjectiveConfig
+from fourm.training import checkpoint as ckpt
+from fourm.training.data import StreamConfig, TokenStream, make_loader
+from fourm.training.engine import Engine, init_distributed, load_deepspeed_config
+from fourm.vocab import SharedVocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``model`` overrides the preset YAML named by ``model_preset``."""
+
+    model_preset: str = "configs/models/encdec_tiny.yaml"
+    model: dict[str, Any] = field(default_factory=dict)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    max_steps: int = 1000
+    max_tokens: int = 0  # > 0: stop at this many input + target tokens (all ranks)
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    bf16: bool = True
+    compile: bool = False
+    activation_checkpointing: bool = False
+    loss_mode: str = "modality_mean"  # modality_mean | token
+    seed: int = 0
+    init_from: str = ""  # a from_pretrained directory to start from
+
+    def __post_init__(self) -> None:
+        if self.loss_mode not in ("modality_mean", "token"):
+            raise ValueError(f"loss_mode must be 'modality_mean' or 'token', got {self.loss_mode!r}")
+        if self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+
+
+def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
+    """Linear warm-up, then cosine from lr down to lr * min_lr_ratio at ``total``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: torch.Tensor, shift: bool, mode: str, z_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
+    """Loss and per-modality mean cross-entropy (modality index -> value, for logging).
+
+    ``shift``: decoder-only (logits at t predict labels at t + 1).
+    """
+    if shift:
+        logits, labels, label_modality = logits[:, :-1], labels[:, 1:], label_modality[:, 1:]
+    keep = labels != IGNORE_INDEX
+    picked = logits[keep].float()
+    ce = F.cross_entropy(picked, labels[keep], reduction="none")
+    mods = label_modality[keep]
+    per_mod = {int(m): ce[mods == m].mean() for m in torch.unique(mods)}
+    loss = torch.stack(list(per_mod.values())).mean() if mode == "modality_mean" else ce.mean()
+    if z_weight:
+        loss = loss + z_loss(picked, z_weight)
+    return loss, per_mod
+
+
+def _token_manifest(cfg: TrainConfig) -> dict:
+    for src in cfg.data.sources:
+        path = Path(src.path)
+        if (path / "manifest.json").is_file():
+            manifest = json.loads((path / "manifest.json").read_text())
+            if manifest.get("kind") != "tokens":
+                raise ValueError(f"{path} holds raw shards, not token shards: run data_pipelines/pretokenize.py first")
+            return manifest
+    raise ValueError("training data needs at least one token-shard directory with a manifest.json (from pretokenize.py)")
+
+
+def _count_tokens(batch: dict) -> int:
+    if "enc_valid" in batch:
+        return int(batch["enc_valid"].sum()) + int(batch["dec_valid"].sum())
+    return int(batch["attention_mask"].sum())
+
+
+def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Run training into ``out``; returns a summary (steps, tokens, last losses)."""
+    out = Path(out)
+    rank, world = init_distributed(deepspeed_config is not None)
+    manifest = _token_manifest(cfg)
+    vocab = SharedVocab(**{k: manifest["vocab"][k] for k in ("specials", "spaces", "modalities")})
+    grids = {m: int(g) for m, g in manifest.get("grids", {}).items()}
+    kinds = {m: MODALITIES[m].kind for m in vocab.modalities}
+
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        model = load_model(cfg.init_from)
+    else:
+        base = {}
+        if cfg.model_preset:
+            with open(cfg.model_preset) as f:
+                base = yaml.safe_load(f) or {}
+        model = build_model({**base, **cfg.model}, vocab=vocab)
+    arch = model.config.arch
+    cfg.objective.validate(arch)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    kind = "deepspeed" if deepspeed_config else ("ddp" if world > 1 else "single")
+    ds_cfg = load_deepspeed_config(deepspeed_config, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip) if deepspeed_config else None
+    engine = Engine(model, optimizer, kind, bf16=cfg.bf16, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing, deepspeed_config=ds_cfg)
+
+    step, tokens, batches = 0, 0, 0
+    if resume:
+        latest = ckpt.latest_checkpoint(out)
+        if latest is not None:
+            state = ckpt.read_state(latest)
+            engine.load(latest)
+            ckpt.load_rng(latest)
+            step, tokens, batches = state["step"], state["tokens"], state["batches_per_rank"]
+            if engine.is_main:
+                log.info("resuming from %s (step %d)", latest, step)
+        elif engine.is_main:
+            log.info("--resume: no checkpoint in %s, starting fresh", out)
+    if engine.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+
+    stream = TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=batches)
+    data = iter(make_loader(stream))
+    names = list(vocab.modalities)
+    metrics_file = open(out / "metrics.jsonl", "a") if engine.is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {arch}", unit="step", disable=not (progress and engine.is_main))
+    window_tokens, window_start = 0, time.perf_counter()
+    last: dict = {}
+    z_weight = getattr(model.config, "z_loss", 0.0)
+    try:
+        while step < cfg.max_steps and not (cfg.max_tokens and tokens >= cfg.max_tokens):
+            lr = lr_at(step, cfg.optim, cfg.max_steps)
+            engine.set_lr(lr)
+            losses, mod_losses = [], {}
+            for micro in range(cfg.optim.grad_accum):
+                batch = next(data)
+                batches += 1
+                label_modality = batch.pop("label_modality")
+                labels = batch.pop("labels")
+                n_tok = _count_tokens(batch)
+                out_ = engine.forward(batch)
+                loss, per_mod = compute_loss(out_.logits, labels.to(out_.logits.device), label_modality.to(out_.logits.device), arch == "decoder", cfg.loss_mode, z_weight)
+                engine.backward(loss, cfg.optim.grad_accum)
+                engine.step(cfg.optim.grad_clip, boundary=micro == cfg.optim.grad_accum - 1)
+                losses.append(loss.detach())
+                for m, v in per_mod.items():
+                    mod_losses.setdefault(m, []).append(v.detach())
+                window_tokens += n_tok * world
+                tokens += n_tok * world
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss_value = float(torch.stack(losses).mean())
+                if dist.is_initialized():  # the mean over ranks, for the log only
+                    t = torch.tensor([loss_value])
+                    dist.all_reduce(t)
+                    loss_value = float(t) / world
+                elapsed = time.perf_counter() - window_start
+                last = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                last.update({f"loss/{names[m]}": float(torch.stack(v).mean()) for m, v in mod_losses.items() if 0 <= m < len(names)})
+                window_tokens, window_start = 0, time.perf_counter()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                _save_checkpoint(engine, out, step, tokens, batches, cfg)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    _save_final(engine, out, vocab, manifest)
+    return {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind}
+
+
+def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches: int, cfg: TrainConfig) -> None:
+    tmp, final = ckpt.temp_dir(out, step), ckpt.checkpoint_dir(out, step)
+    if engine.is_main:
+        tmp.mkdir(parents=True, exist_ok=True)
+    engine.barrier()
+    engine.save(tmp)
+    engine.barrier()
+    if engine.is_main:
+        ckpt.save_rng(tmp)
+        ckpt.write_state(tmp, {"step": step, "tokens": tokens, "batches_per_rank": batches, "world": engine.world, "engine": engine.kind})
+        ckpt.publish(tmp, final, cfg.keep_checkpoints)
+    engine.barrier()
+
+
+def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict) -> None:
+    state = engine.full_state_dict()
+    if engine.is_main:
+        model = type(engine.module)(engine.module.config)
+        model.load_state_dict(state)
+        save_pretrained(model, out / "final", vocab=vocab)
+        (out / "final" / "tokenizers.json").write_text(json.dumps({"tokenizers": manifest.get("tokenizers")}) + "\n")
+        log.info("final model written to %s", out / "final")
+    engine.barrier()
