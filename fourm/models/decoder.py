@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fourm.models.config import TransformerConfig
 from fourm.models.layers import Block, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
+from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
 
 IGNORE_INDEX = -100
@@ -29,13 +30,6 @@ class DecoderConfig(TransformerConfig):
     ARCH: ClassVar[str] = "decoder"
     arch: str = "decoder"
     n_layers: int = 4
-
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None
-    past_key_values: list[KVCache] | None = None
 
 
 class DecoderLM(nn.Module, Pretrained):

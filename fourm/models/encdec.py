@@ -21,6 +21,7 @@ from fourm.models.config import TransformerConfig
 from fourm.models.decoder import IGNORE_INDEX, _init_weights
 from fourm.models.layers import Block, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
+from fourm.models.outputs import Seq2SeqOutput
 from fourm.models.pretrained import Pretrained
 
 
@@ -36,13 +37,6 @@ class EncDecConfig(TransformerConfig):
     modality_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
     enc_layers: int = 4
     dec_layers: int = 4
-
-
-@dataclass
-class Seq2SeqOutput:
-    logits: torch.Tensor  # (B, T, V), -inf outside each target's modality range
-    loss: torch.Tensor | None = None
-    encoder_out: torch.Tensor | None = None  # (B, S, dim)
 
 
 class EncoderDecoder(nn.Module, Pretrained):

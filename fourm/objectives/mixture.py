@@ -20,12 +20,17 @@ OBJECTIVES = {"encdec": ("4m", "prefix_lm", "next_token"), "decoder": ("next_tok
 
 @dataclass
 class ObjectiveConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"4m": 1.0})
+    # empty: the architecture's default (4m for encdec, next_token for decoder); a dict default
+    # would be merged with, not replaced by, a config's own weights
+    weights: dict[str, float] = field(default_factory=dict)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     condition_dropout: float = 0.1  # probability of dropping every condition token (for CFG)
 
     def validate(self, arch: str) -> None:
+        """Fill the default weights for ``arch`` and check the rest."""
         known = OBJECTIVES[arch]
+        if not self.weights:
+            self.weights = {known[0]: 1.0}
         for name, w in self.weights.items():
             if name not in known:
                 raise ValueError(f"objective {name!r} is not available for {arch}; choose from {', '.join(known)}")

@@ -1,0 +1,117 @@
+"""The training loop end to end: single process, resume equivalence, DDP and DeepSpeed ZeRO-3 with
+two ranks on CPU (gloo), data splitting, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, assert_usage_error, run_program
+
+TINY = ["--set", "model.dim=64", "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "data.batch_size=8", "--set", "data.shuffle_buffer=16", "--set", "log_every=2", "--quiet"]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_loss_falls_and_final_loads(token_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "40", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "ckpt_every=20", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    m = _metrics(out)
+    assert m[-1]["step"] == 40 and m[-1]["loss"] < 0.8 * m[0]["loss"]
+    assert {"loss/rgb", "loss/depth", "loss/semseg", "loss/caption", "loss/boxes", "tokens_per_s", "lr"} <= set(m[-1])
+    import fourm
+
+    model = fourm.load_model(out / "final")
+    assert model.config.arch == "encdec" and (out / "final" / "vocab.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000040"]
+
+
+def test_decoder_only_trains(token_dir, tmp_path):
+    out = tmp_path / "dec"
+    tiny = ["--set", "model.dim=64", "--set", "data.batch_size=8", "--set", "data.shuffle_buffer=16", "--set", "log_every=2", "--quiet"]
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_decoder.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "30", "--set", "model.n_layers=2", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", *tiny)
+    assert proc.returncode == 0, proc.stderr
+    m = _metrics(out)
+    assert m[-1]["loss"] < 0.8 * m[0]["loss"]
+
+
+def test_resume_is_equivalent_to_an_uninterrupted_run(token_dir, tmp_path):
+    args = ["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--set", "ckpt_every=6", *TINY]
+    assert run_program("launch/train.py", *args, "--out", str(tmp_path / "a"), "--max-steps", "12").returncode == 0
+    assert run_program("launch/train.py", *args, "--out", str(tmp_path / "b"), "--max-steps", "6").returncode == 0
+    proc = run_program("launch/train.py", *args, "--out", str(tmp_path / "b"), "--max-steps", "12", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_file(str(tmp_path / "a" / "final" / "model.safetensors")), load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    ma, mb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]  # no step counted twice or skipped
+
+
+def test_ranks_and_workers_see_disjoint_samples(token_dir):
+    from fourm.objectives.mixture import ObjectiveConfig
+    from fourm.training.data import DataSource, StreamConfig, TokenStream
+    from fourm.vocab import SharedVocab
+
+    manifest = json.loads((token_dir / "manifest.json").read_text())
+    vocab = SharedVocab(**{k: manifest["vocab"][k] for k in ("specials", "spaces", "modalities")})
+    cfg = StreamConfig(sources=[DataSource(str(token_dir))], seed=3)
+    seen = []
+    for rank in range(2):
+        stream = TokenStream(cfg, "encdec", vocab, {}, manifest["grids"], ObjectiveConfig(), rank=rank, world=2)
+        for worker in range(2):
+            seen.append([key for key, _ in stream._samples(stream.sources[0][0], epoch=0, worker=worker, workers=2)])
+    flat = [k for keys in seen for k in keys]
+    assert len(flat) == len(set(flat)) == 40 and all(len(k) == 10 for k in seen)
+
+
+def _torchrun(args, env_extra, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **env_extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(REPO / "launch" / "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def test_ddp_two_ranks(token_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = _torchrun(["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "20", "--set", "data.num_workers=0", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", *TINY], {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = _metrics(out)
+    assert m[-1]["step"] == 20 and m[-1]["loss"] < m[0]["loss"]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_deepspeed_zero3_two_ranks_consolidates(token_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "z3"
+    proc = _torchrun(["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "20", "--deepspeed", "configs/deepspeed/zero3.json", "--set", "data.num_workers=0", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "ckpt_every=20", *TINY], {"DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = _metrics(out)
+    assert m[-1]["step"] == 20 and m[-1]["loss"] < 0.9 * m[0]["loss"]
+    import fourm
+
+    final = fourm.load_model(out / "final")  # one from_pretrained directory, loadable anywhere
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sharded = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints" / "step-00000020" / "ds"), tag="state")
+    ours = {k: v.detach() for k, v in final.state_dict().items()}
+    assert set(sharded) <= set(ours)
+    assert max(float((sharded[k].float() - ours[k].float()).abs().max()) for k in sharded) == 0.0
+
+
+def test_training_config_errors(token_dir, synth_dir, tmp_path):
+    base = ["--config", "configs/train/tiny_encdec.yaml", "--out", str(tmp_path / "x")]
+    assert_usage_error(run_program("launch/train.py", *base, "--data", str(token_dir), "--set", "optim.bogus=1"), "bogus")
+    assert_usage_error(run_program("launch/train.py", *base, "--data", str(synth_dir)), "pretokenize")
+    assert_usage_error(run_program("launch/train.py", *base, "--data", str(tmp_path / "none")), "no shards")
+    assert_usage_error(run_program("launch/train.py", *base, "--data", str(token_dir), "--set", "objective.weights={next_token: 1.0, 5m: 1.0}"), "5m")
+    assert_usage_error(run_program("launch/train.py", *base, "--data", str(token_dir), "--deepspeed", str(tmp_path / "nope.json")), "nope.json")
