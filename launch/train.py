@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         raise UsageError("no training data: pass --data or set data.sources in the config")
     for src in cfg.data.sources:
         if "://" not in src.path and not src.path.startswith("pipe:"):
-            require_shards(src.path, "data")
+            require_shards(src.path, "--data" if args.data is not None else "data.sources")
     if args.deepspeed is not None and not os.path.isfile(args.deepspeed):
         raise UsageError(f"--deepspeed {args.deepspeed} does not exist")
     if cfg.init_from and not os.path.isdir(cfg.init_from):

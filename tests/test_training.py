@@ -115,3 +115,13 @@ def test_training_config_errors(token_dir, synth_dir, tmp_path):
     assert_usage_error(run_program("launch/train.py", *base, "--data", str(tmp_path / "none")), "no shards")
     assert_usage_error(run_program("launch/train.py", *base, "--data", str(token_dir), "--set", "objective.weights={next_token: 1.0, 5m: 1.0}"), "5m")
     assert_usage_error(run_program("launch/train.py", *base, "--data", str(token_dir), "--deepspeed", str(tmp_path / "nope.json")), "nope.json")
+
+
+def test_pipe_urls_manifest_and_activation_checkpointing(token_dir, tmp_path):
+    out = tmp_path / "pipe"
+    url = f"pipe:cat {token_dir}/shard-{{000000..000003}}.tar"
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text(f"model_preset: configs/models/encdec_tiny.yaml\nmanifest: {token_dir}/manifest.json\nactivation_checkpointing: true\ndata:\n  sources:\n    - {{path: '{url}', weight: 1.0}}\n")
+    proc = run_program("launch/train.py", "--config", str(cfg), "--out", str(out), "--max-steps", "4", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert _metrics(out)[-1]["step"] == 4

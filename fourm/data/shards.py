@@ -142,6 +142,10 @@ def expand_shards(spec: str | os.PathLike | list) -> list[str]:
     if isinstance(spec, (list, tuple)):
         return [u for s in spec for u in expand_shards(s)]
     spec = str(spec)
+    if "://" in spec or spec.startswith("pipe:"):
+        import braceexpand
+
+        return list(braceexpand.braceexpand(spec))
     if os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "shard-*.tar")))
     elif "{" in spec:

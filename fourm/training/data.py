@@ -67,7 +67,9 @@ class TokenStream(IterableDataset):
         super().__init__()
         self.cfg, self.arch, self.vocab, self.kinds, self.grids, self.objective = cfg, arch, vocab, kinds, grids, objective
         self.rank, self.world, self.skip = rank, world, skip
-        self.sources = [(expand_shards(s.path) if "://" not in s.path and not s.path.startswith("pipe:") else [s.path], s.weight) for s in cfg.sources]
+        # local directories, globs and brace patterns; webdataset URLs (pipe:..., https://...)
+        # are brace-expanded and handed to webdataset's own opener
+        self.sources = [(expand_shards(s.path), s.weight) for s in cfg.sources]
         for (urls, _), src in zip(self.sources, cfg.sources):
             if not urls:
                 raise FileNotFoundError(f"no token shards at {src.path}")

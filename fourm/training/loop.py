@@ -68,6 +68,7 @@ class TrainConfig:
     loss_mode: str = "modality_mean"  # modality_mean | token
     seed: int = 0
     init_from: str = ""  # a from_pretrained directory to start from
+    manifest: str = ""  # token-shard manifest.json, when the data are only remote URLs
 
     def __post_init__(self) -> None:
         if self.loss_mode not in ("modality_mean", "token"):
@@ -103,14 +104,14 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: tor
 
 
 def _token_manifest(cfg: TrainConfig) -> dict:
-    for src in cfg.data.sources:
-        path = Path(src.path)
-        if (path / "manifest.json").is_file():
-            manifest = json.loads((path / "manifest.json").read_text())
+    candidates = ([Path(cfg.manifest)] if cfg.manifest else []) + [Path(src.path) / "manifest.json" for src in cfg.data.sources]
+    for path in candidates:
+        if path.is_file():
+            manifest = json.loads(path.read_text())
             if manifest.get("kind") != "tokens":
-                raise ValueError(f"{path} holds raw shards, not token shards: run data_pipelines/pretokenize.py first")
+                raise ValueError(f"{path.parent} holds raw shards, not token shards: run data_pipelines/pretokenize.py first")
             return manifest
-    raise ValueError("training data needs at least one token-shard directory with a manifest.json (from pretokenize.py)")
+    raise ValueError("training data needs a token-shard directory with a manifest.json (from pretokenize.py), or `manifest:` naming one")
 
 
 def _count_tokens(batch: dict) -> int:
@@ -166,6 +167,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     data = iter(make_loader(stream))
     names = list(vocab.modalities)
     metrics_file = open(out / "metrics.jsonl", "a") if engine.is_main else None
+    board = _tensorboard(out) if engine.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {arch}", unit="step", disable=not (progress and engine.is_main))
     window_tokens, window_start = 0, time.perf_counter()
     last: dict = {}
@@ -205,6 +207,10 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
+                if board is not None:
+                    for key, value in last.items():
+                        if key != "step":
+                            board.add_scalar(key, value, step)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 _save_checkpoint(engine, out, step, tokens, batches, cfg)
@@ -212,8 +218,19 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        if board is not None:
+            board.close()
     _save_final(engine, out, vocab, manifest)
     return {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind}
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches: int, cfg: TrainConfig) -> None:
