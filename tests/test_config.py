@@ -19,7 +19,16 @@ CONFIG_CLASSES = {"demo.yaml": DemoConfig}
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_parses(path):
     rel = str(path.relative_to(CONFIGS))
-    if rel.startswith("tokenizers/"):
+    if rel.startswith("train/"):
+        from fourm.training.loop import TrainConfig
+
+        config = load_config(TrainConfig, path)
+        assert Path(config.model_preset).name in {p.name for p in (CONFIGS / "models").glob("*.yaml")}
+    elif rel.startswith("models/"):
+        from fourm.models.build import make_config
+
+        config = make_config(path)
+    elif rel.startswith("tokenizers/"):
         kind, config = load_training_config(path, [])
         assert kind in ("image", "text")
         if kind == "image":
@@ -51,3 +60,20 @@ def test_modality_registry():
         parse_modalities("rgb,rgb")
     with pytest.raises(ValueError):
         parse_modalities("")
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_fill(path):
+    from fourm.training.engine import load_deepspeed_config
+
+    cfg = load_deepspeed_config(str(path), micro_batch=4, grad_accum=2, grad_clip=1.0)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 1.0
+    assert cfg["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_plan_program():
+    from conftest import run_program
+
+    proc = run_program("launch/plan.py", "--config", "configs/train/b_encdec.yaml", "--gpus", "8", "--nodes", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "encdec:" in proc.stdout and "tokens per optimizer step" in proc.stdout and "GiB per GPU" in proc.stdout
