@@ -16,7 +16,7 @@ from fourm.tokenizers.image import ImageTokenizerConfig
 from fourm.tokenizers.train_image import ImageTokenizerTrainingConfig, ImageTrainConfig, train_image_tokenizer
 from fourm.vocab import SharedVocab
 
-TINY = ["--set", "tokenizer.channels=[8,16,16]", "--set", "train.batch_size=8", "--set", "train.val_every=20", "--set", "train.val_samples=16", "--set", "train.warmup_steps=5"]
+TINY = ["--set", "tokenizer.channels=[8,16,16]", "--set", "tokenizer.stem_patch=1", "--set", "tokenizer.res_blocks=1", "--set", "train.batch_size=8", "--set", "train.val_every=20", "--set", "train.val_samples=16", "--set", "train.warmup_steps=5"]
 
 
 def test_image_tokenizer_training_loss_falls(synth_dir):

@@ -89,10 +89,11 @@ def test_ddp_two_ranks(token_dir, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
-def test_deepspeed_zero3_two_ranks_consolidates(token_dir, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_ranks_consolidates(token_dir, tmp_path, stage):
     pytest.importorskip("deepspeed")
-    out = tmp_path / "z3"
-    proc = _torchrun(["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "20", "--deepspeed", "configs/deepspeed/zero3.json", "--set", "data.num_workers=0", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "ckpt_every=20", *TINY], {"DS_ACCELERATOR": "cpu"})
+    out = tmp_path / f"z{stage}"
+    proc = _torchrun(["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "20", "--deepspeed", f"configs/deepspeed/zero{stage}.json", "--set", "data.num_workers=0", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "ckpt_every=20", *TINY], {"DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = _metrics(out)
     assert m[-1]["step"] == 20 and m[-1]["loss"] < 0.9 * m[0]["loss"]
@@ -125,3 +126,14 @@ def test_pipe_urls_manifest_and_activation_checkpointing(token_dir, tmp_path):
     proc = run_program("launch/train.py", "--config", str(cfg), "--out", str(out), "--max-steps", "4", *TINY)
     assert proc.returncode == 0, proc.stderr
     assert _metrics(out)[-1]["step"] == 4
+
+
+def test_warmup_cosine_schedule():
+    from fourm.training.loop import OptimConfig, lr_at
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 100) == pytest.approx(0.1) and lr_at(9, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(10, cfg, 100) == pytest.approx(1.0) and lr_at(55, cfg, 100) == pytest.approx(0.55)
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1) and lr_at(500, cfg, 100) == pytest.approx(0.1)
+    values = [lr_at(s, cfg, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))

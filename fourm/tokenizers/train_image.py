@@ -17,6 +17,7 @@ from tqdm import tqdm
 from fourm.data.loader import LoaderConfig, build_loader
 from fourm.eval.metrics import codebook_stats, depth_metrics, miou_from_confusion, psnr, segmentation_confusion
 from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from fourm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ def lr_at(step: int, progress: float, cfg: ImageTrainConfig) -> float:
     Progress is the larger of the step fraction and the time-budget fraction, so the decay ends
     on time whichever limit stops the run.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, progress, cfg.lr, cfg.warmup_steps, 0.05)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from fourm.objectives.mixture import ObjectiveConfig
 from fourm.training import checkpoint as ckpt
 from fourm.training.data import StreamConfig, TokenStream, make_loader
 from fourm.training.engine import Engine, init_distributed, load_deepspeed_config
+from fourm.training.schedule import warmup_cosine
 from fourm.vocab import SharedVocab
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,8 @@ class TrainConfig:
 
 def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
     """Linear warm-up, then cosine from lr down to lr * min_lr_ratio at ``total``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return warmup_cosine(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: torch.Tensor, shift: bool, mode: str, z_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
