@@ -1,0 +1,292 @@
+"""``generate(model, tokenizers, inputs, targets, config)``: any subset of modalities in, any out.
+
+Both architectures behind one API, batched. Targets are produced in the given order and each
+finished target becomes a condition for the next (4M-style chaining: ``caption -> semseg -> depth
+-> rgb``).
+
+Encoder-decoder: image-like targets by MaskGIT (confidence-ordered unmasking on a cosine or linear
+schedule) or ROAR (random order); the tokens fixed so far join the encoder input, the rest are
+[MASK] queries. Sequence targets autoregressively with a decoder KV cache (the encoder runs once).
+Decoder-only: every target autoregressively with a KV cache after the packed conditions (image
+tokens with their 2D positions). Classifier-free guidance batches the unconditional pass ([BOS]
+as the null condition, as in training's condition dropout) with the conditional one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fourm.generation.sampling import guided, sample, temperature_at, unmask_counts
+from fourm.modalities import MODALITIES
+from fourm.models.sequence import pack_sequence
+from fourm.tokenizers.tokenizer_set import TokenizerSet
+from fourm.vocab import SharedVocab
+
+BOS_ID = SharedVocab.build({"text": 1}).bos_id
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling controls; ``per_target`` overrides any of them for one modality
+    (e.g. ``{"caption": {"temperature": 0.0}}``)."""
+
+    scheme: str = "auto"  # auto | maskgit | roar | autoregressive
+    steps: int = 8  # MaskGIT/ROAR steps per image target
+    schedule: str = "cosine"  # cosine | linear
+    temperature: float = 1.0
+    temperature_end: float | None = None  # anneal to this over the steps
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 0.0
+    max_len: int = 96  # sequence targets
+    seed: int = 0
+    per_target: dict[str, dict] = field(default_factory=dict)
+
+    def for_target(self, modality: str) -> "GenerationConfig":
+        over = self.per_target.get(modality, {})
+        unknown = set(over) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown generation setting(s) for {modality}: {', '.join(sorted(unknown))}")
+        return GenerationConfig(**{**{k: getattr(self, k) for k in self.__dataclass_fields__ if k != "per_target"}, **over})
+
+
+@dataclass
+class GenerationResult:
+    """Per modality, per sample: shared-vocabulary ids and decoded raw values."""
+
+    ids: dict[str, list[torch.Tensor]]
+    outputs: dict[str, list]
+    image_size: tuple[int, int]
+
+
+def _kind(m: str) -> str:
+    return MODALITIES[m].kind if m in MODALITIES else "image"
+
+
+def encode_inputs(tokenizers: TokenizerSet, inputs: dict, image_size: tuple[int, int]) -> dict[str, list[torch.Tensor]]:
+    """Raw batched inputs -> shared ids per modality per sample."""
+    out = {}
+    for m, raw in inputs.items():
+        if m == "boxes":
+            out[m] = tokenizers.encode("boxes", raw, image_size=image_size)
+        else:
+            out[m] = tokenizers.encode(m, raw)
+    return out
+
+
+def _batch_size(inputs: dict) -> int:
+    sizes = {len(v) for v in inputs.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"inputs have different batch sizes: {sorted(sizes)}")
+    return sizes.pop()
+
+
+@torch.no_grad()
+def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], config: GenerationConfig | None = None, image_size: tuple[int, int] | None = None, batch_size: int | None = None, token_inputs: dict[str, list[torch.Tensor]] | None = None) -> GenerationResult:
+    """Generate ``targets`` in order from ``inputs`` (raw, batched as ``TokenizerSet.encode`` takes
+    them) and ``token_inputs`` (shared ids per sample, e.g. from an earlier call); with no inputs,
+    ``batch_size`` unconditional samples."""
+    config = config or GenerationConfig()
+    known = tokenizers.modalities
+    token_inputs = token_inputs or {}
+    for m in list(inputs) + list(token_inputs) + list(targets):
+        if m not in known:
+            raise KeyError(f"unknown modality {m!r}; this model's tokenizers know: {', '.join(known)}")
+    if not targets:
+        raise ValueError("no target modality")
+    grids = {m: tok.config.grid for m, tok in tokenizers.images.items()}
+    res = next(iter(tokenizers.images.values())).config.resolution if tokenizers.images else 64
+    image_size = image_size or (res, res)
+    conds = {**encode_inputs(tokenizers, inputs, image_size), **{m: list(v) for m, v in token_inputs.items()}}
+    b = _batch_size(conds) if conds else (batch_size or 1)
+    generator = torch.Generator().manual_seed(config.seed)
+    ids: dict[str, list[torch.Tensor]] = {}
+    for target in targets:
+        cfg = config.for_target(target)
+        if model.config.arch == "encdec":
+            if _kind(target) == "image" and cfg.scheme in ("auto", "maskgit", "roar"):
+                new = _encdec_image(model, tokenizers, conds, target, grids, b, cfg, generator)
+            else:
+                new = _encdec_sequence(model, tokenizers, conds, target, b, cfg, generator, grids)
+        else:
+            new = _decoder_target(model, tokenizers, conds, target, grids, b, cfg, generator)
+        ids[target] = new
+        conds[target] = new  # chaining: a finished target conditions the next
+    outputs = {m: tokenizers.decode(m, v, image_size=image_size) if m == "boxes" else tokenizers.decode(m, v) for m, v in ids.items()}
+    return GenerationResult(ids=ids, outputs=outputs, image_size=image_size)
+
+
+# -- encoder-decoder ---------------------------------------------------------------------------------
+def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """[(ids (L,), modality (L,), positions (L, 2))] -> padded ids, modality, positions, valid."""
+    n = max(len(r[0]) for r in rows)
+    b = len(rows)
+    ids = torch.zeros(b, n, dtype=torch.long)
+    mod = torch.zeros(b, n, dtype=torch.long)
+    pos = torch.zeros(b, n, 2, dtype=torch.long)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    for i, (t, m, p) in enumerate(rows):
+        ids[i, : len(t)], mod[i, : len(t)], pos[i, : len(t)], valid[i, : len(t)] = t, m, p, True
+    return ids, mod, pos, valid
+
+
+def _encoder_rows(model, conds: dict[str, list[torch.Tensor]], grids: dict[str, int], b: int, null_modality: int, partial: tuple[str, torch.Tensor, torch.Tensor] | None = None, unconditional: bool = False):
+    """Encoder input per sample: every condition token (or the [BOS] null condition) plus the
+    target tokens fixed so far (``partial`` = (modality, positions (B, K), ids (B, K)))."""
+    rows = []
+    for i in range(b):
+        ids, mods, poss = [], [], []
+        if not unconditional:
+            for m, seqs in conds.items():
+                t = seqs[i]
+                mi = model.modality_index(m)
+                if _kind(m) == "image":
+                    g = grids[m]
+                    idx = torch.arange(len(t))
+                    pos = torch.stack([idx // g, idx % g], -1)
+                else:
+                    p = torch.arange(len(t))
+                    pos = torch.stack([p, p], -1)
+                ids.append(t)
+                mods.append(torch.full((len(t),), mi))
+                poss.append(pos)
+        if partial is not None and partial[1].shape[1]:
+            m, where, vals = partial
+            g = grids[m]
+            ids.append(vals[i])
+            mods.append(torch.full((len(vals[i]),), model.modality_index(m)))
+            poss.append(torch.stack([where[i] // g, where[i] % g], -1))
+        if not ids:  # the null condition of training's condition dropout: one [BOS]
+            ids, mods, poss = [torch.tensor([BOS_ID])], [torch.tensor([null_modality])], [torch.zeros(1, 2, dtype=torch.long)]
+        rows.append((torch.cat(ids), torch.cat(mods), torch.cat(poss)))
+    return rows
+
+
+def _encode_rows(model, rows):
+    ids, mod, pos, valid = _pad_rows(rows)
+    return model.encode(ids, mod, pos, valid), valid
+
+
+def _encdec_image(model, tokenizers, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
+    g = grids[target]
+    n = g * g
+    mi = model.modality_index(target)
+    known = torch.zeros(b, n, dtype=torch.bool)
+    values = torch.full((b, n), tokenizers.vocab.mask_id, dtype=torch.long)
+    counts = unmask_counts(n, cfg.steps, cfg.schedule)
+    use_cfg = cfg.cfg_scale != 0 and bool(conds)
+    for step, k in enumerate(counts):
+        where_known = [known[i].nonzero()[:, 0] for i in range(b)]
+        kpos = torch.stack(where_known) if where_known[0].numel() else torch.zeros(b, 0, dtype=torch.long)
+        kval = values.gather(1, kpos) if kpos.numel() else torch.zeros(b, 0, dtype=torch.long)
+        rows = _encoder_rows(model, conds, grids, b, mi, (target, kpos, kval))
+        if use_cfg:
+            rows += _encoder_rows(model, conds, grids, b, mi, (target, kpos, kval), unconditional=True)
+        enc, enc_valid = _encode_rows(model, rows)
+        unknown = torch.stack([(~known[i]).nonzero()[:, 0] for i in range(b)])  # (B, U): same U for all
+        q = unknown.repeat(2, 1) if use_cfg else unknown
+        rb, u = q.shape
+        dec_ids = torch.full((rb, u), tokenizers.vocab.mask_id)
+        pos = torch.stack([q // g, q % g], -1)
+        logits = model.decode(enc, enc_valid, dec_ids, torch.full((rb, u), mi), pos, torch.zeros(rb, u, dtype=torch.bool), torch.ones(rb, u, dtype=torch.bool))
+        logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
+        temp = temperature_at(step, len(counts), cfg.temperature, cfg.temperature_end)
+        drawn, conf = sample(logits, temp, cfg.top_k, cfg.top_p, generator)
+        if cfg.scheme == "roar":
+            order = torch.stack([torch.randperm(u, generator=generator) for _ in range(b)])
+        else:
+            order = conf.argsort(dim=1, descending=True)
+        pick = order[:, :k]  # (B, k) positions among the unknown
+        chosen = unknown.gather(1, pick)
+        values.scatter_(1, chosen, drawn.gather(1, pick))
+        known.scatter_(1, chosen, True)
+    return list(values)
+
+
+def _encdec_sequence(model, tokenizers, conds, target, b, cfg, generator, grids) -> list[torch.Tensor]:
+    vocab = tokenizers.vocab
+    mi = model.modality_index(target)
+    allowed = vocab.allowed_mask(target)
+    use_cfg = cfg.cfg_scale != 0 and bool(conds)
+    rows = _encoder_rows(model, conds, grids, b, mi)
+    if use_cfg:
+        rows += _encoder_rows(model, conds, grids, b, mi, unconditional=True)
+    enc, enc_valid = _encode_rows(model, rows)
+    rb = enc.shape[0]
+    cache, kvs = model.new_cache(), model.context_kvs(enc)
+    token = torch.full((rb, 1), vocab.bos_id)
+    out = torch.full((b, cfg.max_len), vocab.pad_id)
+    done = torch.zeros(b, dtype=torch.bool)
+    ones = torch.ones(rb, 1, dtype=torch.bool)
+    for t in range(cfg.max_len):
+        pos = torch.full((rb, 1, 2), t)
+        logits = model.decode(enc, enc_valid, token, torch.full((rb, 1), mi), pos, ones, ones, cache=cache, context_kvs=kvs)[:, -1]
+        logits = logits.float().masked_fill(~allowed, float("-inf"))  # no span-masking sentinels
+        logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
+        nxt, _ = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
+        out[:, t] = nxt
+        done |= nxt == vocab.eos_id
+        if bool(done.all()):
+            break
+        token = nxt.repeat(2)[:, None] if use_cfg else nxt[:, None]
+    return [_cut_at_eos(row, vocab) for row in out]
+
+
+def _cut_at_eos(row: torch.Tensor, vocab) -> torch.Tensor:
+    stop = (row == vocab.eos_id).nonzero()
+    row = row[: int(stop[0])] if len(stop) else row
+    return row[row != vocab.pad_id]
+
+
+# -- decoder-only ----------------------------------------------------------------------------------
+def _decoder_target(model, tokenizers, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
+    vocab = tokenizers.vocab
+    allowed = vocab.allowed_mask(target)
+    use_cfg = cfg.cfg_scale != 0 and bool(conds)
+    seqs = []
+    for unconditional in ([False, True] if use_cfg else [False]):
+        for i in range(b):
+            segments = [] if unconditional else [(m, conds[m][i]) for m in conds]
+            packed = pack_sequence(segments, vocab, grids)
+            start = int(packed.positions[-1, 0]) + 1 if len(packed.ids) else 0
+            ids = torch.cat([packed.ids, torch.tensor([vocab.begin_id(target)])])
+            pos = torch.cat([packed.positions, torch.tensor([[start, start]])])
+            seqs.append((ids, pos))
+    rb = len(seqs)
+    n = max(len(s[0]) for s in seqs)
+    ids = torch.full((rb, n), vocab.pad_id)
+    pos = torch.zeros(rb, n, 2, dtype=torch.long)
+    mask = torch.zeros(rb, n, dtype=torch.long)
+    for i, (s, p) in enumerate(seqs):  # left padding so every row ends at the same step
+        ids[i, n - len(s) :], pos[i, n - len(s) :], mask[i, n - len(s) :] = s, p, 1
+    next_pos = pos[:, -1, 0] + 1  # (rb,)
+    image = _kind(target) == "image"
+    g = grids.get(target, 0)
+    length = g * g if image else cfg.max_len
+    cache = model.new_cache()
+    logits = model(ids, positions=pos, attention_mask=mask, past_key_values=cache).logits[:, -1]
+    out = torch.full((b, length), vocab.pad_id)
+    done = torch.zeros(b, dtype=torch.bool)
+    for t in range(length):
+        logits = logits.float().masked_fill(~allowed, float("-inf"))
+        logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
+        temp = temperature_at(t, length, cfg.temperature, cfg.temperature_end) if image else cfg.temperature
+        nxt, _ = sample(logits, temp, cfg.top_k, cfg.top_p, generator)
+        if not image:
+            nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
+            done |= nxt == vocab.eos_id
+        out[:, t] = nxt
+        if (not image and bool(done.all())) or t == length - 1:
+            break
+        if image:
+            r, c = divmod(t + 1, g)
+            p = torch.stack([next_pos + r, next_pos + c], -1)
+        else:
+            p = (next_pos + t + 1)[:, None].expand(rb, 2)
+        step_ids = nxt.repeat(2) if use_cfg else nxt
+        mask = torch.cat([mask, torch.ones(rb, 1, dtype=torch.long)], 1)
+        logits = model(step_ids[:, None], positions=p[:, None], attention_mask=mask, past_key_values=cache).logits[:, -1]
+    return list(out) if image else [_cut_at_eos(row, vocab) for row in out]
