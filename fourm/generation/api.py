@@ -281,11 +281,12 @@ def _decoder_target(model, tokenizers, conds, target, grids, b, cfg, generator) 
         out[:, t] = nxt
         if (not image and bool(done.all())) or t == length - 1:
             break
+        # the token just drawn is token t of the target: its position follows pack_sequence's layout
         if image:
-            r, c = divmod(t + 1, g)
+            r, c = divmod(t, g)
             p = torch.stack([next_pos + r, next_pos + c], -1)
         else:
-            p = (next_pos + t + 1)[:, None].expand(rb, 2)
+            p = (next_pos + t)[:, None].expand(rb, 2)
         step_ids = nxt.repeat(2) if use_cfg else nxt
         mask = torch.cat([mask, torch.ones(rb, 1, dtype=torch.long)], 1)
         logits = model(step_ids[:, None], positions=p[:, None], attention_mask=mask, past_key_values=cache).logits[:, -1]
