@@ -60,7 +60,9 @@ def draw_boxes(rgb: np.ndarray, boxes: list[dict], scale: int = 1) -> np.ndarray
     for i, b in enumerate(boxes):
         color = tuple(int(v) for v in _PALETTE[(i % 20) + 1])
         x0, y0, x1, y1 = (v * scale for v in b["bbox"])
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=max(1, scale // 2))
+        x0, x1 = sorted((x0, x1))  # generated boxes may come with corners swapped
+        y0, y1 = sorted((y0, y1))
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=max(1, scale // 2))
         if scale >= 2:
             draw.text((x0 + 1, y0 + 1), b["label"].split()[-1], fill=color)
     return np.asarray(im)

@@ -158,3 +158,55 @@ def test_generation_errors(tok, batch):
         generate(model, tok, {"rgb": batch["rgb"]}, ["depth"], GenerationConfig(per_target={"depth": {"tempo": 1}}))
     with pytest.raises(ValueError, match="different batch sizes"):
         generate(model, tok, {"rgb": batch["rgb"], "caption": batch["caption"][:1]}, ["depth"])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tok, token_dir, tmp_path_factory):
+    import json
+
+    d = tmp_path_factory.mktemp("gen") / "model"
+    _model(tok, "encdec").save_pretrained(d, vocab=tok.vocab)
+    (d / "tokenizers.json").write_text(json.dumps({"tokenizers": str(token_dir.parent / "tok")}))
+    return d
+
+
+def test_generate_program_writes_every_output(model_dir, synth_dir, tmp_path):
+    import json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import run_program
+
+    with tarfile.open(synth_dir / "shard-000000.tar") as tar:
+        (tmp_path / "in.png").write_bytes(tar.extractfile("00000000.rgb.png").read())
+    Image.open(tmp_path / "in.png").resize((96, 80)).save(tmp_path / "big.png")  # another size: resized
+    out = tmp_path / "out"
+    proc = run_program("launch/generate.py", "--model", str(model_dir), "--from", f"rgb={tmp_path / 'big.png'}", "--to", "caption,depth,semseg,boxes", "--out", str(out), "--steps", "3", "--cfg", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "resizing 96x80 to 64x64" in proc.stderr
+    for name in ("caption.txt", "depth.npy", "depth.png", "semseg.png", "semseg_overlay.png", "boxes.png", "boxes.json", "overview.png"):
+        assert (out / name).is_file(), name
+    assert np.load(out / "depth.npy").shape == (64, 64) and (np.load(out / "depth.npy") > 0).all()
+    assert Image.open(out / "semseg.png").size == (64, 64)
+    assert isinstance(json.loads((out / "boxes.json").read_text()), list)
+    proc = run_program("launch/generate.py", "--model", str(model_dir), "--from", "caption=a large red sphere", "--to", "rgb", "--out", str(tmp_path / "o2"), "--steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "o2" / "rgb.png").size == (64, 64)
+
+
+def test_generate_program_bad_input(model_dir, tmp_path):
+    from conftest import assert_usage_error, run_program
+
+    out = tmp_path / "o"
+    base = ["--model", str(model_dir), "--out", str(out)]
+    assert_usage_error(run_program("launch/generate.py", *base, "--from", "rgb=x.png", "--to", "normals"), "known: ")
+    assert_usage_error(run_program("launch/generate.py", *base, "--from", f"rgb={tmp_path / 'none.png'}", "--to", "depth"), "none.png")
+    assert_usage_error(run_program("launch/generate.py", *base, "--from", "thermal=x.png", "--to", "depth"), "thermal")
+    assert_usage_error(run_program("launch/generate.py", *base, "--from", "caption=", "--to", "depth"), "empty")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert_usage_error(run_program("launch/generate.py", *base, "--from", f"rgb={tmp_path / 'bad.png'}", "--to", "depth"), "bad.png")
+    assert_usage_error(run_program("launch/generate.py", "--model", str(tmp_path), "--out", str(out), "--to", "depth"), "config.json")
+    assert_usage_error(run_program("launch/generate.py", *base, "--from", "caption=hi", "--to", "caption"), "both an input and a target")
+    assert not out.exists() or not any(out.iterdir())

@@ -1,0 +1,166 @@
+"""Files in and out of ``launch/generate.py``: reading ``--from`` inputs, writing every target as
+pictures and raw data, and an overview grid."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fourm.cli import UsageError
+from fourm.viz import caption_strip, colorize_depth, colorize_semseg, draw_boxes, grid, overlay, upscale
+
+log = logging.getLogger(__name__)
+IMAGE_INPUTS = ("rgb", "depth", "semseg")
+
+
+def parse_from(items: list[str], known: list[str]) -> dict[str, str]:
+    """``["rgb=a.png", "caption=a red cube"]`` -> {modality: value}; unknown modality is a UsageError."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--from expects modality=value, got {item!r}")
+        name, value = item.split("=", 1)
+        name = name.strip()
+        if name not in known:
+            raise UsageError(f"unknown modality {name!r} in --from; known: {', '.join(known)}")
+        if name in out:
+            raise UsageError(f"--from {name} given twice")
+        if not value.strip():
+            raise UsageError(f"--from {name} is empty")
+        out[name] = value
+    return out
+
+
+def _resized(im: Image.Image, res: int, name: str, resample) -> Image.Image:
+    if im.size != (res, res):
+        log.info("%s: resizing %dx%d to %dx%d (centre crop to a square first)", name, im.size[0], im.size[1], res, res)
+        side = min(im.size)
+        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((res, res), resample)
+    return im
+
+
+def load_inputs(spec: dict[str, str], res: int) -> dict:
+    """Read ``--from`` values into batched raw inputs (batch of one) for ``generate``."""
+    inputs: dict = {}
+    for name, value in spec.items():
+        if name == "caption":
+            inputs[name] = [value]
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise UsageError(f"--from {name}: no file at {path}")
+        try:
+            if name == "boxes":
+                boxes = json.loads(path.read_text())
+                if not isinstance(boxes, list) or not all(isinstance(b, dict) and len(b.get("bbox", [])) == 4 and "label" in b for b in boxes):
+                    raise ValueError("expected a list of {bbox: [x0, y0, x1, y1], label}")
+                inputs[name] = [boxes]
+            elif name == "rgb":
+                with Image.open(path) as im:
+                    arr = np.asarray(_resized(im.convert("RGB"), res, name, Image.BICUBIC))
+                inputs[name] = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+            elif name == "depth":
+                if path.suffix == ".npy":
+                    arr = np.load(path, allow_pickle=False).astype(np.float32)
+                else:
+                    with Image.open(path) as im:
+                        arr = np.asarray(im).astype(np.float32) / 1000.0
+                if arr.ndim != 2:
+                    raise ValueError(f"expected a 2D depth map, got shape {arr.shape}")
+                arr = np.asarray(_resized(Image.fromarray(arr, mode="F"), res, name, Image.NEAREST))
+                inputs[name] = torch.from_numpy(arr.copy())[None, None]
+            elif name == "semseg":
+                with Image.open(path) as im:
+                    if im.mode not in ("L", "P"):
+                        raise ValueError(f"expected an 8-bit class-id PNG, got mode {im.mode}")
+                    arr = np.asarray(_resized(im, res, name, Image.NEAREST))
+                inputs[name] = torch.from_numpy(arr.astype(np.int64))[None]
+        except UsageError:
+            raise
+        except Exception as exn:
+            raise UsageError(f"--from {name}: cannot read {path}: {exn}") from None
+    return inputs
+
+
+def save_outputs(out: Path, inputs: dict, outputs: dict, scale: int = 4) -> list[Path]:
+    """Write every generated modality of sample 0 plus ``overview.png``; returns the files written.
+
+    Files are made in a staging folder and moved into ``out`` only when all are written, so a
+    failure leaves nothing half-done behind."""
+    final = out
+    out = final / f".staging-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        written = _write_all(out, inputs, outputs, scale)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    moved = []
+    for path in written:
+        os.replace(path, final / path.name)
+        moved.append(final / path.name)
+    shutil.rmtree(out, ignore_errors=True)
+    return moved
+
+
+def _write_all(out: Path, inputs: dict, outputs: dict, scale: int) -> list[Path]:
+    written: list[Path] = []
+
+    def save_png(name: str, arr: np.ndarray) -> None:
+        Image.fromarray(arr).save(out / name)
+        written.append(out / name)
+
+    base = None
+    if "rgb" in inputs:
+        base = inputs["rgb"][0].permute(1, 2, 0).numpy()
+    elif "rgb" in outputs:
+        base = outputs["rgb"][0].permute(1, 2, 0).numpy()
+    panels: list[np.ndarray] = []
+    for name, value in inputs.items():  # inputs first, for the overview
+        if name == "rgb":
+            panels.append(upscale(base, scale))
+        elif name == "depth":
+            panels.append(upscale(colorize_depth(value[0, 0].numpy()), scale))
+        elif name == "semseg":
+            panels.append(upscale(colorize_semseg(value[0].numpy()), scale))
+        elif name == "caption":
+            panels.append(caption_strip("in: " + value[0], 64 * scale))
+    for name, values in outputs.items():
+        v = values[0]
+        if name == "rgb":
+            img = v.permute(1, 2, 0).numpy()
+            save_png("rgb.png", img)
+            panels.append(upscale(img, scale))
+        elif name == "depth":
+            d = v[0].numpy()
+            np.save(out / "depth.npy", d)
+            written.append(out / "depth.npy")
+            save_png("depth.png", colorize_depth(d))
+            panels.append(upscale(colorize_depth(d), scale))
+        elif name == "semseg":
+            s = v.numpy()
+            save_png("semseg.png", colorize_semseg(s))
+            if base is not None:
+                save_png("semseg_overlay.png", overlay(base, s))
+            panels.append(upscale(overlay(base, s) if base is not None else colorize_semseg(s), scale))
+        elif name == "boxes":
+            (out / "boxes.json").write_text(json.dumps(v, indent=1) + "\n")
+            written.append(out / "boxes.json")
+            canvas = base if base is not None else np.full((64, 64, 3), 255, np.uint8)
+            drawn = draw_boxes(canvas, v, scale)
+            save_png("boxes.png", drawn)
+            panels.append(drawn)
+        elif name == "caption":
+            (out / "caption.txt").write_text(v + "\n")
+            written.append(out / "caption.txt")
+            panels.append(caption_strip("out: " + v, 64 * scale))
+    save_png("overview.png", grid([panels]))
+    return written

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Any-to-any generation from a trained model.
+
+    python launch/generate.py --model DIR --from rgb=photo.png [--from caption="a red cube left of a blue sphere"]
+                              --to depth,semseg,boxes,caption --out DIR [--steps 8] [--cfg 3] [--temperature 1]
+                              [--top-k 0] [--top-p 1] [--seed 0] [--scheme auto] [--tokenizers DIR]
+
+Targets are generated in the order given; each finished target conditions the next (a chain such as
+--to caption,semseg,depth,rgb). Writes depth.png + depth.npy, semseg.png + semseg_overlay.png,
+boxes.png + boxes.json, caption.txt, rgb.png and overview.png into --out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from fourm.cli import ArgumentParser, UsageError, non_negative_int, positive_int, run, setup_logging
+from fourm.generation.api import GenerationConfig, generate
+from fourm.generation.files import load_inputs, parse_from, save_outputs
+from fourm.models.build import load_model
+from fourm.tokenizers.tokenizer_set import TokenizerSet
+from fourm.vocab import VOCAB_FILE
+
+log = logging.getLogger("generate")
+
+
+def tokenizer_dir(model_dir: str, explicit: str | None) -> str:
+    """The tokenizer set: --tokenizers, else the one the training run recorded next to the model."""
+    if explicit:
+        return explicit
+    record = Path(model_dir) / "tokenizers.json"
+    if record.is_file():
+        path = json.loads(record.read_text()).get("tokenizers")
+        if path:
+            return path
+    raise UsageError(f"no tokenizer set known for {model_dir}: pass --tokenizers DIR")
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a from_pretrained model directory (training's OUT/final)")
+    p.add_argument("--from", dest="inputs", action="append", default=[], metavar="MODALITY=VALUE", help="an input: rgb=FILE, depth=FILE.npy|png, semseg=FILE.png, boxes=FILE.json, caption=TEXT")
+    p.add_argument("--to", required=True, help="comma-separated targets, generated in this order")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model)")
+    p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT/ROAR steps per image target")
+    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (0: off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--scheme", default="auto", choices=["auto", "maskgit", "roar", "autoregressive"])
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    args = p.parse_args(argv)
+    setup_logging()
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
+    for name in ("config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(args.model, name)):
+            raise UsageError(f"--model {args.model}: missing {os.path.join(args.model, name)}")
+    tok_dir = tokenizer_dir(args.model, args.tokenizers)
+    if not os.path.isfile(os.path.join(tok_dir, VOCAB_FILE)):
+        raise UsageError(f"no tokenizer set at {tok_dir} (missing {os.path.join(tok_dir, VOCAB_FILE)})")
+    tokenizers = TokenizerSet.from_pretrained(tok_dir)
+    known = tokenizers.modalities
+    targets = [t.strip() for t in args.to.split(",") if t.strip()]
+    if not targets:
+        raise UsageError("--to names no target")
+    for t in targets:
+        if t not in known:
+            raise UsageError(f"unknown modality {t!r} in --to; known: {', '.join(known)}")
+    spec = parse_from(args.inputs, known)
+    overlap = set(spec) & set(targets)
+    if overlap:
+        raise UsageError(f"{', '.join(sorted(overlap))} is both an input and a target")
+    res = next(iter(tokenizers.images.values())).config.resolution if tokenizers.images else 64
+    inputs = load_inputs(spec, res)
+    model = load_model(args.model)
+    config = GenerationConfig(scheme=args.scheme, steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, seed=args.seed)
+    try:
+        result = generate(model, tokenizers, inputs, targets, config)
+    except (KeyError, ValueError) as exn:
+        raise UsageError(str(exn).strip("'\"")) from None
+    written = save_outputs(Path(args.out), inputs, result.outputs)
+    for path in written:
+        log.info("wrote %s", path)
+    if "caption" in result.outputs:
+        print(result.outputs["caption"][0])
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
