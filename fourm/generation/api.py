@@ -100,6 +100,15 @@ def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], 
     res = next(iter(tokenizers.images.values())).config.resolution if tokenizers.images else 64
     image_size = image_size or (res, res)
     conds = {**encode_inputs(tokenizers, inputs, image_size), **{m: list(v) for m, v in token_inputs.items()}}
+    ids = generate_ids(model, tokenizers.vocab, grids, conds, targets, config, batch_size)
+    outputs = {m: tokenizers.decode(m, v, image_size=image_size) if m == "boxes" else tokenizers.decode(m, v) for m, v in ids.items()}
+    return GenerationResult(ids=ids, outputs=outputs, image_size=image_size)
+
+
+@torch.no_grad()
+def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[str, list[torch.Tensor]], targets: list[str], config: GenerationConfig, batch_size: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """The token-level core of ``generate``: condition ids in, target ids out (no tokenizers)."""
+    conds = dict(conds)
     b = _batch_size(conds) if conds else (batch_size or 1)
     generator = torch.Generator().manual_seed(config.seed)
     ids: dict[str, list[torch.Tensor]] = {}
@@ -107,15 +116,14 @@ def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], 
         cfg = config.for_target(target)
         if model.config.arch == "encdec":
             if _kind(target) == "image" and cfg.scheme in ("auto", "maskgit", "roar"):
-                new = _encdec_image(model, tokenizers, conds, target, grids, b, cfg, generator)
+                new = _encdec_image(model, vocab, conds, target, grids, b, cfg, generator)
             else:
-                new = _encdec_sequence(model, tokenizers, conds, target, b, cfg, generator, grids)
+                new = _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids)
         else:
-            new = _decoder_target(model, tokenizers, conds, target, grids, b, cfg, generator)
+            new = _decoder_target(model, vocab, conds, target, grids, b, cfg, generator)
         ids[target] = new
         conds[target] = new  # chaining: a finished target conditions the next
-    outputs = {m: tokenizers.decode(m, v, image_size=image_size) if m == "boxes" else tokenizers.decode(m, v) for m, v in ids.items()}
-    return GenerationResult(ids=ids, outputs=outputs, image_size=image_size)
+    return ids
 
 
 # -- encoder-decoder ---------------------------------------------------------------------------------
@@ -169,12 +177,12 @@ def _encode_rows(model, rows):
     return model.encode(ids, mod, pos, valid), valid
 
 
-def _encdec_image(model, tokenizers, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
+def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
     g = grids[target]
     n = g * g
     mi = model.modality_index(target)
     known = torch.zeros(b, n, dtype=torch.bool)
-    values = torch.full((b, n), tokenizers.vocab.mask_id, dtype=torch.long)
+    values = torch.full((b, n), vocab.mask_id, dtype=torch.long)
     counts = unmask_counts(n, cfg.steps, cfg.schedule)
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
     for step, k in enumerate(counts):
@@ -188,7 +196,7 @@ def _encdec_image(model, tokenizers, conds, target, grids, b, cfg, generator) ->
         unknown = torch.stack([(~known[i]).nonzero()[:, 0] for i in range(b)])  # (B, U): same U for all
         q = unknown.repeat(2, 1) if use_cfg else unknown
         rb, u = q.shape
-        dec_ids = torch.full((rb, u), tokenizers.vocab.mask_id)
+        dec_ids = torch.full((rb, u), vocab.mask_id)
         pos = torch.stack([q // g, q % g], -1)
         logits = model.decode(enc, enc_valid, dec_ids, torch.full((rb, u), mi), pos, torch.zeros(rb, u, dtype=torch.bool), torch.ones(rb, u, dtype=torch.bool))
         logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
@@ -205,8 +213,7 @@ def _encdec_image(model, tokenizers, conds, target, grids, b, cfg, generator) ->
     return list(values)
 
 
-def _encdec_sequence(model, tokenizers, conds, target, b, cfg, generator, grids) -> list[torch.Tensor]:
-    vocab = tokenizers.vocab
+def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids) -> list[torch.Tensor]:
     mi = model.modality_index(target)
     allowed = vocab.allowed_mask(target)
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
@@ -242,8 +249,7 @@ def _cut_at_eos(row: torch.Tensor, vocab) -> torch.Tensor:
 
 
 # -- decoder-only ----------------------------------------------------------------------------------
-def _decoder_target(model, tokenizers, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
-    vocab = tokenizers.vocab
+def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
     allowed = vocab.allowed_mask(target)
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
     seqs = []
