@@ -1,7 +1,10 @@
 """The main job, ``make demo``: stages run in order, each reused when its output is complete.
 
-Stages so far: render the embedded dataset (train and held-out splits), read the held-out split
-back through the shard loader, and report dataset statistics and an overview picture.
+Stages: render the embedded dataset (train and held-out splits); read the held-out split back and
+report its statistics; train the text, rgb, depth and semseg tokenizers; pretokenize both splits;
+train the any-to-any model (encoder-decoder by default, ``--set model=decoder`` for decoder-only)
+on the mixed objectives; generate samples for held-out scenes (rgb -> depth, semseg, boxes,
+caption; caption -> rgb) with a few figures measured on them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from fourm.config import to_dict
@@ -43,18 +47,47 @@ class DemoDataConfig:
 
 
 @dataclass
+class DemoTokenizerConfig:
+    minutes: float = 4.0  # per image tokenizer
+    max_steps: int = 3000
+    overrides: list[str] = field(default_factory=list)  # --set style, applied to every image tokenizer
+
+
+@dataclass
+class DemoTrainConfig:
+    minutes: float = 12.0
+    max_steps: int = 5000
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DemoConfig:
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
     overview_scenes: int = 8
+    model: str = "encdec"  # encdec | decoder
+    tokenizers: DemoTokenizerConfig = field(default_factory=DemoTokenizerConfig)
+    train: DemoTrainConfig = field(default_factory=DemoTrainConfig)
+    sample_scenes: int = 8
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
 
     def __post_init__(self) -> None:
         if self.overview_scenes < 0:
             raise ValueError(f"overview_scenes must be >= 0, got {self.overview_scenes}")
+        if self.model not in ("encdec", "decoder"):
+            raise ValueError(f"model must be 'encdec' or 'decoder', got {self.model!r}")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+
+
+STAGES = ("data", "inspect", "tokenizers", "pretokenize", "train", "samples")
 
 
 def scale_to_budget(config: DemoConfig, minutes: float) -> DemoConfig:
     """Shrink the stages for a budget below the 30 minutes the defaults are sized for."""
     factor = min(1.0, max(minutes, 0.5) / 30.0)
+    config.tokenizers.minutes *= factor
+    config.train.minutes *= factor
     if factor < 1.0:
         config.data.train_scenes = max(min(100, config.data.train_scenes), int(config.data.train_scenes * factor))
         config.data.val_scenes = max(min(16, config.data.val_scenes), int(config.data.val_scenes * min(1.0, factor * 2)))
@@ -133,7 +166,7 @@ def write_report(out: Path, config: DemoConfig, stages: dict, seconds: float) ->
     """``report.json`` (everything) and ``report.md`` (a readable summary)."""
     report = {"config": to_dict(config), "stages": stages, "seconds": round(seconds, 1)}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    ins = stages["inspect"]
+    ins = stages.get("inspect", {"val_samples_read": 0, "skipped": {"total": 0}, "read_samples_per_second": None, "boxes_per_scene": {}, "caption_words_mean": None, "depth_range_m": [None, None], "class_pixel_fraction": {}})
     lines = [
         "# fourm demo report",
         "",
@@ -159,6 +192,19 @@ def write_report(out: Path, config: DemoConfig, stages: dict, seconds: float) ->
         "![overview](samples/data_overview.png)",
         "",
     ]
+    if "tokenizers" in stages:
+        lines += ["## Tokenizers (held-out validation at the end of training)", "", "| tokenizer | steps | validation | seconds |", "| --- | ---: | --- | ---: |"]
+        for name, rec in stages["tokenizers"].items():
+            lines.append(f"| {name} | {rec.get('steps', '-')} | {rec.get('val', 'reused' if rec.get('reused') else '-')} | {rec.get('seconds', '-')} |")
+        lines.append("")
+    if "train" in stages:
+        rec = stages["train"]
+        lines += ["## Model training", "", f"- {'reused' if rec.get('reused') else str(rec.get('steps')) + ' steps, ' + str(rec.get('tokens')) + ' tokens, ' + str(rec.get('seconds')) + ' s'}; last: {rec.get('last', {})}", ""]
+    if stages.get("samples"):
+        rec = stages["samples"]
+        lines += ["## Samples on held-out scenes", "", f"- rgb → depth on {rec['scenes']} scenes: {rec['rgb_to_depth']}", f"- rgb → semseg mIoU: {rec['rgb_to_semseg_miou']}", ""]
+        lines += [f"- caption: `{c['pred']}` (true: `{c['true']}`)" for c in rec["captions"]]
+        lines += ["", "![rgb to all](samples/rgb_to_all.png)", "", "![caption to rgb](samples/caption_to_rgb.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
 
@@ -167,7 +213,126 @@ def run_demo(config: DemoConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     start = time.perf_counter()
-    stages = {"data": stage_data(config, out)}
-    stages["inspect"] = stage_inspect(config, out)
+    runners = {"data": stage_data, "inspect": stage_inspect, "tokenizers": stage_tokenizers, "pretokenize": stage_pretokenize, "train": stage_train, "samples": stage_samples}
+    stages = {}
+    for name in STAGES:
+        if name in config.stages:
+            log.info("stage %s", name)
+            stages[name] = runners[name](config, out)
     write_report(out, config, stages, time.perf_counter() - start)
     return json.loads((out / "report.json").read_text())
+
+
+# -- the learning stages ---------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stage_tokenizers(config: DemoConfig, out: Path) -> dict:
+    """Train the text tokenizer and the three image tokenizers into ``out/tokenizers`` (each reused
+    when already there)."""
+    from fourm.tokenizers.training import load_training_config, train_tokenizer
+
+    tok_dir = out / "tokenizers"
+    report = {}
+    for name in ("text", "rgb", "depth", "semseg"):
+        done = (tok_dir / "text" / "tokenizer.json") if name == "text" else (tok_dir / name / "model.safetensors")
+        if done.is_file():
+            report[name] = {"reused": True}
+            continue
+        overrides = [] if name == "text" else [f"train.max_minutes={config.tokenizers.minutes}", f"train.max_steps={config.tokenizers.max_steps}", f"tokenizer.resolution={config.data.res}", *config.tokenizers.overrides]
+        kind, cfg = load_training_config(REPO / "configs" / "tokenizers" / f"{name}.yaml", overrides)
+        start = time.perf_counter()
+        summary = train_tokenizer(kind, cfg, out / "data" / "train", tok_dir, val=None if kind == "text" else out / "data" / "val")
+        entry = {"reused": False, "seconds": round(time.perf_counter() - start, 1)}
+        if kind == "image":
+            best = summary["history"]["val"][-1] if summary["history"]["val"] else {}
+            entry.update(steps=summary["history"]["steps"], val={k: v for k, v in best.items() if k in ("psnr", "delta1", "abs_rel", "miou", "codebook_usage")})
+        report[name] = entry
+    return report
+
+
+def stage_pretokenize(config: DemoConfig, out: Path) -> dict:
+    from fourm.data.pretokenize import pretokenize
+
+    report = {}
+    for split in ("train", "val"):
+        target = out / "tokens" / split
+        if (target / MANIFEST).is_file():
+            report[split] = {"reused": True}
+            continue
+        start = time.perf_counter()
+        m = pretokenize(out / "tokenizers", out / "data" / split, target, overwrite=True)
+        report[split] = {"reused": False, "samples": m["num_samples"], "seconds": round(time.perf_counter() - start, 1)}
+    return report
+
+
+def stage_train(config: DemoConfig, out: Path) -> dict:
+    """Train the any-to-any model; ``out/model`` is the final ``from_pretrained`` directory."""
+    import shutil
+
+    from fourm.config import load_config
+    from fourm.training.data import DataSource
+    from fourm.training.loop import TrainConfig, train
+
+    if (out / "model" / "model.safetensors").is_file():
+        return {"reused": True}
+    cfg_path = REPO / "configs" / "train" / f"tiny_{config.model}.yaml"
+    overrides = [f"max_minutes={config.train.minutes}", f"max_steps={config.train.max_steps}", f"model_preset={REPO / 'configs' / 'models' / f'{config.model}_tiny.yaml'}", *config.train.overrides]
+    cfg = load_config(TrainConfig, cfg_path, overrides)
+    cfg.data.sources = [DataSource(path=str(out / "tokens" / "train"))]
+    start = time.perf_counter()
+    summary = train(cfg, out / "train", resume=True)
+    if (out / "model").exists():
+        shutil.rmtree(out / "model")
+    shutil.copytree(out / "train" / "final", out / "model")
+    return {"reused": False, "steps": summary["steps"], "tokens": summary["tokens"], "last": summary["last"], "seconds": round(time.perf_counter() - start, 1)}
+
+
+def stage_samples(config: DemoConfig, out: Path) -> dict:
+    """Held-out scenes: rgb -> depth, semseg, boxes, caption and caption -> rgb, as pictures, with
+    depth δ1/AbsRel and semseg mIoU measured on these scenes (the full suite is eval/evaluate.py)."""
+    from fourm.eval.metrics import depth_metrics, miou_from_confusion, segmentation_confusion
+    from fourm.generation.api import GenerationConfig, generate
+    from fourm.models.build import load_model
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    n = config.sample_scenes
+    if n == 0:
+        return {}
+    model = load_model(out / "model")
+    tok = TokenizerSet.from_pretrained(out / "tokenizers")
+    loader, _ = build_loader(out / "data" / "val", LoaderConfig(modalities=("rgb", "depth", "semseg", "boxes", "caption"), batch_size=n, shuffle=0, num_workers=0))
+    batch = next(iter(loader))
+    gen = GenerationConfig(temperature=0.0, steps=8, max_len=96, per_target={"rgb": {"temperature": 1.0, "top_k": 50}})
+    preds = {}
+    start = time.perf_counter()
+    for target in ("depth", "semseg", "boxes", "caption"):
+        preds[target] = generate(model, tok, {"rgb": batch["rgb"]}, [target], gen).outputs[target]
+    images = generate(model, tok, {"caption": batch["caption"]}, ["rgb"], GenerationConfig(steps=8, cfg_scale=2.0, temperature=1.0, top_k=50)).outputs["rgb"]
+    seconds = time.perf_counter() - start
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(len(batch["caption"])):
+        rgb = batch["rgb"][i].permute(1, 2, 0).numpy()
+        s = max(1, 128 // rgb.shape[0])
+        rows.append([
+            upscale(rgb, s),
+            upscale(colorize_depth(preds["depth"][i][0].numpy(), 1.0, 40.0), s), upscale(colorize_depth(batch["depth"][i, 0].numpy(), 1.0, 40.0), s),
+            upscale(overlay(rgb, preds["semseg"][i].numpy()), s), upscale(overlay(rgb, batch["semseg"][i].numpy()), s),
+            draw_boxes(rgb, preds["boxes"][i], s), draw_boxes(rgb, batch["boxes"][i], s),
+            caption_strip("pred: " + preds["caption"][i] + "  |  true: " + batch["caption"][i], 3 * 64 * s // 2),
+        ])
+    Image.fromarray(grid(rows)).save(samples / "rgb_to_all.png")
+    strip = [[upscale(img.permute(1, 2, 0).numpy(), 2), caption_strip(c, 128)] for img, c in zip(images, batch["caption"])]
+    Image.fromarray(grid(strip)).save(samples / "caption_to_rgb.png")
+    conf = segmentation_confusion(torch.stack(preds["semseg"]), batch["semseg"], tok.images["semseg"].config.num_classes)
+    d = depth_metrics(torch.stack(preds["depth"]), batch["depth"])
+    return {
+        "scenes": len(batch["caption"]),
+        "seconds": round(seconds, 1),
+        "rgb_to_depth": {k: round(v, 4) for k, v in d.items()},
+        "rgb_to_semseg_miou": round(miou_from_confusion(conf)["miou"], 4),
+        "captions": [{"pred": p, "true": t} for p, t in zip(preds["caption"], batch["caption"])][:4],
+        "grids": [str(samples / "rgb_to_all.png"), str(samples / "caption_to_rgb.png")],
+    }

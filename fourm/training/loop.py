@@ -59,6 +59,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     max_steps: int = 1000
     max_tokens: int = 0  # > 0: stop at this many input + target tokens (all ranks)
+    max_minutes: float = 0.0  # > 0: stop after this long; the LR decay follows whichever limit is nearer
     log_every: int = 10
     ckpt_every: int = 100
     keep_checkpoints: int = 2
@@ -170,9 +171,28 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     window_tokens, window_start = 0, time.perf_counter()
     last: dict = {}
     z_weight = getattr(model.config, "z_loss", 0.0)
+    start_time = time.perf_counter()
+    start_step = step
+
+    def time_fraction() -> float:
+        if not cfg.max_minutes:
+            return 0.0
+        frac = (time.perf_counter() - start_time) / (cfg.max_minutes * 60)
+        if dist.is_initialized():  # every rank must stop at the same step
+            t = torch.tensor([frac])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            frac = float(t)
+        return frac
+
     try:
         while step < cfg.max_steps and not (cfg.max_tokens and tokens >= cfg.max_tokens):
+            tf = time_fraction()
+            if tf >= 1.0:
+                break
             lr = lr_at(step, cfg.optim, cfg.max_steps)
+            if tf > 0:  # a time budget: decay over the nearer of the two limits
+                done_frac = max((step - start_step) / max(1, cfg.max_steps - start_step), tf)
+                lr = min(lr, warmup_cosine(step, done_frac, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
             engine.set_lr(lr)
             losses, mod_losses = [], {}
             for micro in range(cfg.optim.grad_accum):
@@ -192,7 +212,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
                 tokens += n_tok * world
             step += 1
             bar.update()
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or step == cfg.max_steps or time_fraction() >= 1.0:
                 loss_value = float(torch.stack(losses).mean())
                 if dist.is_initialized():  # the mean over ranks, for the log only
                     t = torch.tensor([loss_value])
@@ -212,6 +232,8 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 _save_checkpoint(engine, out, step, tokens, batches, cfg)
+        if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by tokens or time
+            _save_checkpoint(engine, out, step, tokens, batches, cfg)
     finally:
         bar.close()
         if metrics_file is not None:
