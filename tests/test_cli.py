@@ -63,6 +63,6 @@ def test_import_folder_bad_arguments(tmp_path):
 
 
 def test_demo_rejects_impossible_sizes(tmp_path):
-    for bad in ("data.res=-3", "data.train_scenes=0", "overview_scenes=-1"):
+    for bad in ("data.res=-3", "data.train_scenes=0", "overview_scenes=-1", "model=rnn", "stages=[data,fly]"):
         assert_usage_error(run_program("launch/demo.py", "--out", str(tmp_path / "d"), "--set", bad), bad.split("=")[0])
     assert not (tmp_path / "d").exists()

@@ -1,4 +1,5 @@
-"""`make demo`'s program at a tiny size: report, overview picture, and reuse of finished stages."""
+"""`make demo`'s program at a tiny size: every stage runs, the report has every key, and a second
+run reuses every finished stage."""
 
 from __future__ import annotations
 
@@ -9,22 +10,39 @@ from conftest import run_program
 
 def test_demo_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "demo"
-    args = ["--out", str(out), "--set", "data.train_scenes=60", "--set", "data.val_scenes=20", "--set", "data.res=32", "--set", "overview_scenes=3"]
+    args = [
+        "--out", str(out), "--set", "data.train_scenes=48", "--set", "data.val_scenes=16", "--set", "data.shard_size=16",
+        "--set", "overview_scenes=3", "--set", "sample_scenes=3",
+        "--set", "tokenizers.max_steps=3", "--set", "train.max_steps=4",
+        "--set", "train.overrides=[data.batch_size=4,data.shuffle_buffer=8,log_every=2,ckpt_every=2]",
+    ]
     proc = run_program("launch/demo.py", *args)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["stages"]["data"]["train"] == {"num_samples": 60, "reused": False, "scenes_per_second": report["stages"]["data"]["train"]["scenes_per_second"]}
-    ins = report["stages"]["inspect"]
-    assert ins["val_samples_read"] == 20 and ins["skipped"]["total"] == 0
-    assert sum(ins["boxes_per_scene"].values()) == 20
+    stages = report["stages"]
+    assert set(stages) == {"data", "inspect", "tokenizers", "pretokenize", "train", "samples"}
+    assert stages["data"]["train"]["num_samples"] == 48 and not stages["data"]["train"]["reused"]
+    ins = stages["inspect"]
+    assert ins["val_samples_read"] == 16 and ins["skipped"]["total"] == 0 and sum(ins["boxes_per_scene"].values()) == 16
     assert 0 < ins["depth_range_m"][0] < ins["depth_range_m"][1]
-    assert (out / "samples" / "data_overview.png").stat().st_size > 1000
-    assert "# fourm demo report" in (out / "report.md").read_text()
-    for split in ("train", "val"):
-        assert (out / "data" / split / "manifest.json").exists()
+    assert stages["tokenizers"]["rgb"]["steps"] == 3 and "psnr" in stages["tokenizers"]["rgb"]["val"]
+    assert stages["pretokenize"]["train"]["samples"] == 48
+    assert stages["train"]["steps"] == 4
+    assert {"abs_rel", "delta1"} <= set(stages["samples"]["rgb_to_depth"]) and 0 <= stages["samples"]["rgb_to_semseg_miou"] <= 1
+    for path in ("samples/data_overview.png", "samples/rgb_to_all.png", "samples/caption_to_rgb.png", "model/model.safetensors", "tokenizers/vocab.json", "tokens/val/manifest.json", "data/val/manifest.json", "report.md"):
+        assert (out / path).is_file(), path
+    assert "## Samples on held-out scenes" in (out / "report.md").read_text()
     mtime = (out / "data" / "train" / "shard-000000.tar").stat().st_mtime_ns
     proc = run_program("launch/demo.py", *args)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["stages"]["data"]["train"]["reused"] and report["stages"]["data"]["val"]["reused"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    assert stages["data"]["train"]["reused"] and stages["train"]["reused"] and stages["pretokenize"]["train"]["reused"]
+    assert all(rec["reused"] for rec in stages["tokenizers"].values())
     assert (out / "data" / "train" / "shard-000000.tar").stat().st_mtime_ns == mtime
+
+
+def test_demo_decoder_variant_and_stage_selection(tmp_path):
+    out = tmp_path / "d"
+    proc = run_program("launch/demo.py", "--out", str(out), "--set", "model=decoder", "--set", "stages=[data,inspect]", "--set", "data.train_scenes=20", "--set", "data.val_scenes=8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(json.loads((out / "report.json").read_text())["stages"]) == {"data", "inspect"}
