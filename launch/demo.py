@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     if args.minutes <= 0:
         raise UsageError(f"--minutes must be positive, got {args.minutes}")
     config = scale_to_budget(load_config(DemoConfig, args.config, args.overrides), args.minutes)
-    report = run_demo(config, Path(args.out))
+    run_demo(config, Path(args.out))
     log.info("summary written to %s", os.path.join(args.out, "report.md"))
     print(Path(args.out, "report.md").read_text())
     return 0

@@ -8,9 +8,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, assert_usage_error, run_program
