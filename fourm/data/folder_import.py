@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from fourm.cli import UsageError
 from fourm.data.codecs import encode_json, encode_npy, encode_png
+from fourm.data.readers import centre_square, centre_square_resize, read_boxes, read_depth, read_rgb, read_semseg
 from fourm.data.shards import ShardSink, prepare_output_dir
 
 log = logging.getLogger(__name__)
@@ -128,63 +129,16 @@ def load_classes(src: Path) -> list[str] | None:
     return None
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _read_depth(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim != 2 or arr.dtype.kind not in "fiu":
-            raise ValueError(f"expected a 2D numeric array, got {arr.dtype} {arr.shape}")
-        return arr.astype(np.float32)
-    with Image.open(path) as im:
-        if im.mode not in ("I;16", "I;16B", "I", "L"):
-            raise ValueError(f"expected a 16-bit depth PNG in millimetres, got mode {im.mode}")
-        return np.asarray(im).astype(np.float32) / 1000.0
-
-
-def _read_semseg(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P"):
-            raise ValueError(f"expected an 8-bit class-id PNG, got mode {im.mode}")
-        return np.asarray(im).astype(np.uint8)
-
-
-def _read_boxes(path: Path) -> list[dict]:
-    boxes = json.loads(path.read_text())
-    if not isinstance(boxes, list):
-        raise ValueError("expected a JSON list of boxes")
-    out = []
-    for b in boxes:
-        bbox = [float(v) for v in b["bbox"]]
-        if len(bbox) != 4:
-            raise ValueError(f"bbox needs 4 numbers, got {b['bbox']}")
-        out.append({"bbox": bbox, "label": str(b["label"])})
-    return out
-
-
 def _crop_resize(sample: _Sample, res: int) -> _Sample:
     """Centre-crop to a square and resize to ``res``: bicubic for rgb, nearest for depth and semseg;
     boxes are mapped and clipped, and dropped when nothing of them remains."""
-    h, w = sample.rgb.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
+    top, left, side = centre_square(*sample.rgb.shape[:2])
     scale = res / side
-
-    def fit(arr: np.ndarray, resample) -> np.ndarray:
-        crop = arr[top : top + side, left : left + side]
-        mode = "F" if crop.dtype == np.float32 else None
-        return np.asarray(Image.fromarray(crop, mode=mode).resize((res, res), resample))
-
-    sample.rgb = fit(sample.rgb, Image.BICUBIC)
+    sample.rgb = centre_square_resize(sample.rgb, res, Image.BICUBIC)
     if sample.depth is not None:
-        sample.depth = fit(sample.depth, Image.NEAREST).astype(np.float32)
+        sample.depth = centre_square_resize(sample.depth, res, Image.NEAREST).astype(np.float32)
     if sample.semseg is not None:
-        sample.semseg = fit(sample.semseg, Image.NEAREST)
+        sample.semseg = centre_square_resize(sample.semseg, res, Image.NEAREST)
     if sample.boxes is not None:
         mapped = []
         for b in sample.boxes:
@@ -265,18 +219,18 @@ def import_folder(
 
     with ShardSink(out_dir, shard_size) as sink:
         for stem, rgb_path in tqdm(rgb_files.items(), desc="import", unit="img", disable=not progress, leave=False):
-            rgb = read_optional(rgb_path, _read_rgb)
+            rgb = read_optional(rgb_path, read_rgb)
             if rgb is None:
                 continue
             sample = _Sample(stem, rgb)
-            sample.depth = read_optional(depth_files.get(stem), _read_depth)
-            sample.semseg = read_optional(semseg_files.get(stem), _read_semseg)
+            sample.depth = read_optional(depth_files.get(stem), read_depth)
+            sample.semseg = read_optional(semseg_files.get(stem), read_semseg)
             for name, path in (("depth", depth_files.get(stem)), ("semseg", semseg_files.get(stem))):
                 arr = getattr(sample, name)
                 if arr is not None and arr.shape[:2] != rgb.shape[:2]:
                     raise UsageError(f"{path} is {arr.shape[1]}x{arr.shape[0]} but {rgb_path} is {rgb.shape[1]}x{rgb.shape[0]}")
             if stem in box_files:
-                sample.boxes = read_optional(box_files[stem], _read_boxes)
+                sample.boxes = read_optional(box_files[stem], read_boxes)
             elif stem in coco_boxes:
                 sample.boxes = coco_boxes[stem]
             sample.caption = captions.get(stem)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from fourm.cli import UsageError
+from fourm.data.readers import centre_square_resize, read_boxes, read_depth, read_rgb, read_semseg
 from fourm.viz import caption_strip, colorize_depth, colorize_semseg, draw_boxes, grid, overlay, upscale
 
 log = logging.getLogger(__name__)
-IMAGE_INPUTS = ("rgb", "depth", "semseg")
 
 
 def parse_from(items: list[str], known: list[str]) -> dict[str, str]:
@@ -38,13 +38,11 @@ def parse_from(items: list[str], known: list[str]) -> dict[str, str]:
     return out
 
 
-def _resized(im: Image.Image, res: int, name: str, resample) -> Image.Image:
-    if im.size != (res, res):
-        log.info("%s: resizing %dx%d to %dx%d (centre crop to a square first)", name, im.size[0], im.size[1], res, res)
-        side = min(im.size)
-        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((res, res), resample)
-    return im
+def _fit(arr: np.ndarray, res: int, name: str, resample) -> np.ndarray:
+    if arr.shape[:2] != (res, res):
+        log.info("%s: resizing %dx%d to %dx%d (centre crop to a square first)", name, arr.shape[1], arr.shape[0], res, res)
+        arr = centre_square_resize(arr, res, resample)
+    return arr
 
 
 def load_inputs(spec: dict[str, str], res: int) -> dict:
@@ -59,32 +57,13 @@ def load_inputs(spec: dict[str, str], res: int) -> dict:
             raise UsageError(f"--from {name}: no file at {path}")
         try:
             if name == "boxes":
-                boxes = json.loads(path.read_text())
-                if not isinstance(boxes, list) or not all(isinstance(b, dict) and len(b.get("bbox", [])) == 4 and "label" in b for b in boxes):
-                    raise ValueError("expected a list of {bbox: [x0, y0, x1, y1], label}")
-                inputs[name] = [boxes]
+                inputs[name] = [read_boxes(path)]
             elif name == "rgb":
-                with Image.open(path) as im:
-                    arr = np.asarray(_resized(im.convert("RGB"), res, name, Image.BICUBIC))
-                inputs[name] = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+                inputs[name] = torch.from_numpy(_fit(read_rgb(path), res, name, Image.BICUBIC).copy()).permute(2, 0, 1)[None]
             elif name == "depth":
-                if path.suffix == ".npy":
-                    arr = np.load(path, allow_pickle=False).astype(np.float32)
-                else:
-                    with Image.open(path) as im:
-                        arr = np.asarray(im).astype(np.float32) / 1000.0
-                if arr.ndim != 2:
-                    raise ValueError(f"expected a 2D depth map, got shape {arr.shape}")
-                arr = np.asarray(_resized(Image.fromarray(arr, mode="F"), res, name, Image.NEAREST))
-                inputs[name] = torch.from_numpy(arr.copy())[None, None]
+                inputs[name] = torch.from_numpy(_fit(read_depth(path), res, name, Image.NEAREST).copy())[None, None]
             elif name == "semseg":
-                with Image.open(path) as im:
-                    if im.mode not in ("L", "P"):
-                        raise ValueError(f"expected an 8-bit class-id PNG, got mode {im.mode}")
-                    arr = np.asarray(_resized(im, res, name, Image.NEAREST))
-                inputs[name] = torch.from_numpy(arr.astype(np.int64))[None]
-        except UsageError:
-            raise
+                inputs[name] = torch.from_numpy(_fit(read_semseg(path), res, name, Image.NEAREST).astype(np.int64))[None]
         except Exception as exn:
             raise UsageError(f"--from {name}: cannot read {path}: {exn}") from None
     return inputs
