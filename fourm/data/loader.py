@@ -143,18 +143,15 @@ def decode_sample(sample: dict, modalities: tuple[str, ...], optional: tuple[str
     key = sample.get("__key__", "?")
     where = f"{key} in {os.path.basename(str(sample.get('__url__', '?')))}"
     out: dict = {"__key__": key}
-    for name in modalities:
+    for name in (*modalities, *optional):
         member = MODALITIES[name].member
         if member not in sample:
-            raise SkippedSample("missing_modality", f"{where}: no {member}")
+            if name in modalities:
+                raise SkippedSample("missing_modality", f"{where}: no {member}")
+            out[name] = None
+            continue
         try:
             out[name] = decode_member(name, sample[member])
-        except CorruptMember as exn:
-            raise CorruptMember(exn.member, f"{where}: {exn}") from None
-    for name in optional:
-        member = MODALITIES[name].member
-        try:
-            out[name] = decode_member(name, sample[member]) if member in sample else None
         except CorruptMember as exn:
             raise CorruptMember(exn.member, f"{where}: {exn}") from None
     sizes = {name: tuple(out[name].shape[-2:]) for name in (*modalities, *optional) if name in IMAGE_MODALITIES and out[name] is not None}
@@ -163,6 +160,15 @@ def decode_sample(sample: dict, modalities: tuple[str, ...], optional: tuple[str
     if "depth" in out and not torch.isfinite(out["depth"]).all():
         raise SkippedSample("inconsistent_sample", f"{where}: non-finite depth")
     return out
+
+
+def image_size_of(batch: dict, i: int) -> tuple[int, int] | None:
+    """(H, W) of sample ``i`` of a batch from ``collate``, from any image-like modality it has."""
+    for m in IMAGE_MODALITIES:
+        v = batch.get(m)
+        if v is not None and v[i] is not None:
+            return tuple(int(s) for s in v[i].shape[-2:])
+    return None
 
 
 def collate(samples: list[dict]) -> dict:

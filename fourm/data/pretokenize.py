@@ -20,9 +20,8 @@ import torch
 from tqdm import tqdm
 
 from fourm.data.codecs import encode_json, encode_npy
-from fourm.data.loader import LoaderConfig, build_loader
+from fourm.data.loader import LoaderConfig, build_loader, image_size_of
 from fourm.data.shards import ShardSink, prepare_output_dir
-from fourm.modalities import IMAGE_MODALITIES
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 
 log = logging.getLogger(__name__)
@@ -33,14 +32,6 @@ PRETOKENIZER_VERSION = "pretokenize/1"
 
 def vocab_sha256(tset: TokenizerSet) -> str:
     return hashlib.sha256(json.dumps(tset.vocab.to_json(), sort_keys=True).encode()).hexdigest()
-
-
-def _image_size(batch: dict, i: int) -> tuple[int, int] | None:
-    for m in IMAGE_MODALITIES:
-        v = batch.get(m)
-        if v is not None and v[i] is not None:
-            return tuple(int(s) for s in v[i].shape[-2:])
-    return None
 
 
 def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, batch_size: int = 64, shard_size: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
@@ -57,7 +48,7 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
             samples: list[dict] = [{"__key__": k} for k in batch["__key__"]]
             metas: list[dict] = [{} for _ in range(b)]
             for i in range(b):
-                size = _image_size(batch, i)
+                size = image_size_of(batch, i)
                 if size is not None:
                     metas[i]["image_size"] = list(size)
             for m in mods:
@@ -97,7 +88,7 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                 "source": str(data),
                 "modalities": [m for m in mods if counts[m]],
                 "modality_counts": counts,
-                "grids": {m: tok.config.grid for m, tok in tset.images.items()},
+                "grids": tset.grids,
                 "vocab_sha256": vocab_sha256(tset),
                 "vocab": tset.vocab.to_json(),
                 "skipped": skipped.as_dict(),

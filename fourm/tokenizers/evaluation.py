@@ -12,8 +12,9 @@ import logging
 import torch
 from tqdm import tqdm
 
-from fourm.data.loader import LoaderConfig, build_loader
-from fourm.eval.metrics import codebook_stats, depth_metrics, matched_box_iou, miou_from_confusion, psnr, segmentation_confusion, ssim
+from fourm.data.loader import LoaderConfig, build_loader, image_size_of
+from fourm.eval.metrics import matched_box_iou
+from fourm.tokenizers.reconstruction import ReconstructionMeter
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ def evaluate_tokenizer_set(tset: TokenizerSet, data, max_samples: int = 0, batch
     """
     mods = [m for m in tset.modalities if m in ("rgb", "depth", "semseg", "boxes", "caption")]
     loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=tuple(mods), batch_size=batch_size, shuffle=0, num_workers=0))
-    acc: dict = {m: {} for m in mods}
+    meters = {m: ReconstructionMeter(m, tset.images[m].codebook_size, tset.images[m].config.num_classes, with_ssim=True) for m in mods if m in tset.images}
+    seq: dict = {m: {"score": [], "length": []} for m in mods if m not in tset.images}
     n = 0
     bar = tqdm(desc="evaluate tokenizers", unit="sample", disable=not progress)
     for batch in loader:
@@ -39,60 +41,34 @@ def evaluate_tokenizer_set(tset: TokenizerSet, data, max_samples: int = 0, batch
             present = [i for i, v in enumerate(values) if v is not None]
             if not present:
                 continue
-            a = acc[m]
-            if m in ("rgb", "depth", "semseg"):
+            if m in meters:
                 raw = values if isinstance(values, torch.Tensor) else torch.stack([values[i] for i in present])
                 ids, scale = tset.encode_images(m, raw)
-                recon = torch.stack(tset.decode(m, ids, scales=scale))
-                a.setdefault("ids", []).append(tset.vocab.to_local(m, ids))
-                if m == "rgb":
-                    a.setdefault("psnr", []).append(psnr(recon, raw))
-                    a.setdefault("ssim", []).append(ssim(recon, raw))
-                elif m == "depth":
-                    a.setdefault("pred", []).append(recon)
-                    a.setdefault("true", []).append(raw.float())
-                else:
-                    c = segmentation_confusion(recon, raw, tset.images[m].config.num_classes)
-                    a["conf"] = c if "conf" not in a else a["conf"] + c
+                meters[m].update(raw, torch.stack(tset.decode(m, ids, scales=scale)), tset.vocab.to_local(m, ids))
             elif m == "caption":
                 texts = [values[i] for i in present]
-                back = tset.decode("caption", tset.encode("caption", texts))
-                a.setdefault("exact", []).extend(float(x == y) for x, y in zip(back, texts))
-                a.setdefault("length", []).extend(len(t) for t in tset.encode("caption", texts))
+                ids = tset.encode("caption", texts)
+                seq[m]["score"].extend(float(x == y) for x, y in zip(tset.decode("caption", ids), texts))
+                seq[m]["length"].extend(len(t) for t in ids)
             else:
-                sizes = batch["rgb"][:b] if "rgb" in batch and isinstance(batch["rgb"], torch.Tensor) else None
                 for i in present:
-                    hw = tuple(sizes.shape[-2:]) if sizes is not None else (64, 64)
+                    hw = image_size_of(batch, i) or (tset.resolution, tset.resolution)
                     ids = tset.encode("boxes", [values[i]], image_size=hw)
-                    back = tset.decode("boxes", ids, image_size=hw)[0]
-                    a.setdefault("iou", []).extend(matched_box_iou(back, values[i]))
-                    a.setdefault("length", []).append(len(ids[0]))
+                    seq[m]["score"].extend(matched_box_iou(tset.decode("boxes", ids, image_size=hw)[0], values[i]))
+                    seq[m]["length"].append(len(ids[0]))
         n += b
         bar.update(b)
         if max_samples and n >= max_samples:
             break
     bar.close()
-    return {"samples": n, "skipped": skipped.as_dict(), **{m: _summarise(m, a, tset) for m, a in acc.items() if a}}
-
-
-def _summarise(m: str, a: dict, tset: TokenizerSet) -> dict:
-    out: dict = {}
-    if "ids" in a:
-        out.update({f"codebook_{k}": v for k, v in codebook_stats(torch.cat(a["ids"]), tset.images[m].codebook_size).items()})
-        out["tokens_per_image"] = int(a["ids"][0].shape[1])
-    if m == "rgb":
-        out["psnr"] = float(torch.cat(a["psnr"]).mean())
-        out["ssim"] = float(torch.cat(a["ssim"]).mean())
-    elif m == "depth":
-        out.update(depth_metrics(torch.cat(a["pred"]), torch.cat(a["true"])))
-    elif m == "semseg":
-        r = miou_from_confusion(a["conf"])
-        out["miou"], out["pixel_acc"], out["per_class_iou"] = r["miou"], r["pixel_acc"], r["per_class_iou"]
-    elif m == "caption":
-        out["exact_round_trip"] = sum(a["exact"]) / len(a["exact"])
-        out["mean_tokens"] = sum(a["length"]) / len(a["length"])
-    else:
-        out["mean_iou"] = sum(a["iou"]) / max(1, len(a["iou"]))
-        out["boxes"] = len(a["iou"])
-        out["mean_tokens"] = sum(a["length"]) / max(1, len(a["length"]))
-    return out
+    result = {"samples": n, "skipped": skipped.as_dict()}
+    result.update({m: meter.summary() for m, meter in meters.items() if meter.ids})
+    for m, acc in seq.items():
+        if not acc["length"]:
+            continue
+        mean_tokens = sum(acc["length"]) / len(acc["length"])
+        if m == "caption":
+            result[m] = {"exact_round_trip": sum(acc["score"]) / len(acc["score"]), "mean_tokens": mean_tokens}
+        else:
+            result[m] = {"mean_iou": sum(acc["score"]) / max(1, len(acc["score"])), "boxes": len(acc["score"]), "mean_tokens": mean_tokens}
+    return result

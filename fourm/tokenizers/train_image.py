@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from fourm.data.loader import LoaderConfig, build_loader
-from fourm.eval.metrics import codebook_stats, depth_metrics, miou_from_confusion, psnr, segmentation_confusion
 from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from fourm.tokenizers.reconstruction import ReconstructionMeter
 from fourm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -59,44 +59,20 @@ def lr_at(step: int, progress: float, cfg: ImageTrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate_image_tokenizer(model: ImageTokenizer, val_data, max_samples: int = 10**9, batch_size: int = 64) -> dict:
-    """Reconstruction quality on raw shards: rgb PSNR; depth AbsRel/δ1; semseg mIoU; codebook stats.
-
-    ``score`` is the one number to maximise (PSNR, δ1 or mIoU)."""
+    """Reconstruction quality on raw shards (``ReconstructionMeter``); ``score`` is the one number
+    to maximise (PSNR, δ1 or mIoU)."""
     modality = model.config.modality
     was_training = model.training
     model.eval()
     loader, _ = build_loader(val_data, LoaderConfig(modalities=(modality,), batch_size=batch_size, shuffle=0, num_workers=0))
-    n, psnrs, ids_all = 0, [], []
-    conf = None
-    depth_pred, depth_true = [], []
+    meter = ReconstructionMeter(modality, model.codebook_size, model.config.num_classes)
     for batch in loader:
-        raw = batch[modality][: max_samples - n]
+        raw = batch[modality][: max_samples - meter.samples]
         ids, scale = model.encode(raw)
-        recon = model.decode(ids, scale)
-        ids_all.append(ids)
-        if modality == "rgb":
-            psnrs.append(psnr(recon, raw))
-        elif modality == "depth":
-            depth_pred.append(recon)
-            depth_true.append(raw.float())
-        else:
-            c = segmentation_confusion(recon, raw, model.config.num_classes)
-            conf = c if conf is None else conf + c
-        n += len(raw)
-        if n >= max_samples:
+        meter.update(raw, model.decode(ids, scale), ids)
+        if meter.samples >= max_samples:
             break
-    stats = codebook_stats(torch.cat(ids_all), model.codebook_size)
-    out = {"samples": n, "codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"]}
-    if modality == "rgb":
-        out["psnr"] = float(torch.cat(psnrs).mean())
-        out["score"] = out["psnr"]
-    elif modality == "depth":
-        out.update(depth_metrics(torch.cat(depth_pred), torch.cat(depth_true)))
-        out["score"] = out["delta1"]
-    else:
-        m = miou_from_confusion(conf)
-        out["miou"], out["pixel_acc"] = m["miou"], m["pixel_acc"]
-        out["score"] = out["miou"]
+    out = {"samples": meter.samples, **meter.summary()}
     model.train(was_training)
     return out
 
