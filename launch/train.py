@@ -10,6 +10,7 @@ and the `deepspeed` launcher. On CPU, DeepSpeed needs DS_ACCELERATOR=cpu (set au
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_hidden())
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
     setup_logging()
     overrides = list(args.overrides)
@@ -68,12 +69,6 @@ def main(argv=None) -> int:
     if summary["last"]:
         log.info("done: %d steps, %d tokens, loss %.4f", summary["steps"], summary["tokens"], summary["last"]["loss"])
     return 0
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

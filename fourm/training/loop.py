@@ -71,6 +71,14 @@ class TrainConfig:
     init_from: str = ""  # a from_pretrained directory to start from
     manifest: str = ""  # token-shard manifest.json, when the data are only remote URLs
 
+    def model_spec(self) -> dict:
+        """The model config: the preset YAML with ``model`` on top."""
+        base = {}
+        if self.model_preset:
+            with open(self.model_preset) as f:
+                base = yaml.safe_load(f) or {}
+        return {**base, **self.model}
+
     def __post_init__(self) -> None:
         if self.loss_mode not in ("modality_mean", "token"):
             raise ValueError(f"loss_mode must be 'modality_mean' or 'token', got {self.loss_mode!r}")
@@ -78,9 +86,10 @@ class TrainConfig:
             raise ValueError("max_steps must be >= 1")
 
 
-def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
-    """Linear warm-up, then cosine from lr down to lr * min_lr_ratio at ``total``."""
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+def lr_at(step: int, cfg: OptimConfig, total: int, min_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine from lr down to lr * min_lr_ratio at ``total``; the decay is at
+    least ``min_progress`` along (a time budget that ends before ``total``)."""
+    progress = max((step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps), min_progress)
     return warmup_cosine(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
@@ -132,11 +141,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     if cfg.init_from:
         model = load_model(cfg.init_from)
     else:
-        base = {}
-        if cfg.model_preset:
-            with open(cfg.model_preset) as f:
-                base = yaml.safe_load(f) or {}
-        model = build_model({**base, **cfg.model}, vocab=vocab)
+        model = build_model(cfg.model_spec(), vocab=vocab)
     arch = model.config.arch
     cfg.objective.validate(arch)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -184,15 +189,12 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
             frac = float(t)
         return frac
 
+    tf = time_fraction()  # measured once per step (a collective under torch.distributed)
     try:
-        while step < cfg.max_steps and not (cfg.max_tokens and tokens >= cfg.max_tokens):
-            tf = time_fraction()
-            if tf >= 1.0:
-                break
-            lr = lr_at(step, cfg.optim, cfg.max_steps)
-            if tf > 0:  # a time budget: decay over the nearer of the two limits
-                done_frac = max((step - start_step) / max(1, cfg.max_steps - start_step), tf)
-                lr = min(lr, warmup_cosine(step, done_frac, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+        while step < cfg.max_steps and not (cfg.max_tokens and tokens >= cfg.max_tokens) and tf < 1.0:
+            # with a time budget the decay follows the nearer of the two limits
+            budget = max((step - start_step) / max(1, cfg.max_steps - start_step), tf) if tf > 0 else 0.0
+            lr = lr_at(step, cfg.optim, cfg.max_steps, budget)
             engine.set_lr(lr)
             losses, mod_losses = [], {}
             for micro in range(cfg.optim.grad_accum):
@@ -212,7 +214,8 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
                 tokens += n_tok * world
             step += 1
             bar.update()
-            if step % cfg.log_every == 0 or step == cfg.max_steps or time_fraction() >= 1.0:
+            tf = time_fraction()
+            if step % cfg.log_every == 0 or step == cfg.max_steps or tf >= 1.0:
                 loss_value = float(torch.stack(losses).mean())
                 if dist.is_initialized():  # the mean over ranks, for the log only
                     t = torch.tensor([loss_value])

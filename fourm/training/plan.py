@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import torch
-import yaml
 
 from fourm.models.build import build_model, count_parameters
 from fourm.training.loop import TrainConfig
@@ -14,11 +13,7 @@ from fourm.training.loop import TrainConfig
 
 def plan(cfg: TrainConfig, gpus_per_node: int, nodes: int, vocab_size: int, seq_len: int) -> dict:
     """Numbers for ``launch/plan.py`` (model built on the meta device: no memory)."""
-    base = {}
-    if cfg.model_preset:
-        with open(cfg.model_preset) as f:
-            base = yaml.safe_load(f) or {}
-    spec = {**base, **cfg.model, "vocab_size": vocab_size}
+    spec = {**cfg.model_spec(), "vocab_size": vocab_size}
     if spec.get("arch") == "encdec":
         spec.setdefault("modalities", ["rgb", "depth", "semseg", "boxes", "caption"])
     with torch.device("meta"):
