@@ -75,8 +75,7 @@ def main(argv=None) -> int:
     overlap = set(spec) & set(targets)
     if overlap:
         raise UsageError(f"{', '.join(sorted(overlap))} is both an input and a target")
-    res = next(iter(tokenizers.images.values())).config.resolution if tokenizers.images else 64
-    inputs = load_inputs(spec, res)
+    inputs = load_inputs(spec, tokenizers.resolution)
     model = load_model(args.model)
     config = GenerationConfig(scheme=args.scheme, steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, seed=args.seed)
     try:

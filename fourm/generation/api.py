@@ -24,8 +24,6 @@ from fourm.models.sequence import pack_sequence
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 from fourm.vocab import SharedVocab
 
-BOS_ID = SharedVocab.build({"text": 1}).bos_id
-
 
 @dataclass
 class GenerationConfig:
@@ -66,14 +64,8 @@ def _kind(m: str) -> str:
 
 
 def encode_inputs(tokenizers: TokenizerSet, inputs: dict, image_size: tuple[int, int]) -> dict[str, list[torch.Tensor]]:
-    """Raw batched inputs -> shared ids per modality per sample."""
-    out = {}
-    for m, raw in inputs.items():
-        if m == "boxes":
-            out[m] = tokenizers.encode("boxes", raw, image_size=image_size)
-        else:
-            out[m] = tokenizers.encode(m, raw)
-    return out
+    """Raw batched inputs -> shared ids per modality per sample (``image_size`` places boxes)."""
+    return {m: tokenizers.encode(m, raw, image_size=image_size) for m, raw in inputs.items()}
 
 
 def _batch_size(inputs: dict) -> int:
@@ -96,12 +88,10 @@ def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], 
             raise KeyError(f"unknown modality {m!r}; this model's tokenizers know: {', '.join(known)}")
     if not targets:
         raise ValueError("no target modality")
-    grids = {m: tok.config.grid for m, tok in tokenizers.images.items()}
-    res = next(iter(tokenizers.images.values())).config.resolution if tokenizers.images else 64
-    image_size = image_size or (res, res)
+    image_size = image_size or (tokenizers.resolution, tokenizers.resolution)
     conds = {**encode_inputs(tokenizers, inputs, image_size), **{m: list(v) for m, v in token_inputs.items()}}
-    ids = generate_ids(model, tokenizers.vocab, grids, conds, targets, config, batch_size)
-    outputs = {m: tokenizers.decode(m, v, image_size=image_size) if m == "boxes" else tokenizers.decode(m, v) for m, v in ids.items()}
+    ids = generate_ids(model, tokenizers.vocab, tokenizers.grids, conds, targets, config, batch_size)
+    outputs = {m: tokenizers.decode(m, v, image_size=image_size) for m, v in ids.items()}
     return GenerationResult(ids=ids, outputs=outputs, image_size=image_size)
 
 
@@ -140,7 +130,7 @@ def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tu
     return ids, mod, pos, valid
 
 
-def _encoder_rows(model, conds: dict[str, list[torch.Tensor]], grids: dict[str, int], b: int, null_modality: int, partial: tuple[str, torch.Tensor, torch.Tensor] | None = None, unconditional: bool = False):
+def _encoder_rows(model, vocab: SharedVocab, conds: dict[str, list[torch.Tensor]], grids: dict[str, int], b: int, null_modality: int, partial: tuple[str, torch.Tensor, torch.Tensor] | None = None, unconditional: bool = False):
     """Encoder input per sample: every condition token (or the [BOS] null condition) plus the
     target tokens fixed so far (``partial`` = (modality, positions (B, K), ids (B, K)))."""
     rows = []
@@ -167,7 +157,7 @@ def _encoder_rows(model, conds: dict[str, list[torch.Tensor]], grids: dict[str, 
             mods.append(torch.full((len(vals[i]),), model.modality_index(m)))
             poss.append(torch.stack([where[i] // g, where[i] % g], -1))
         if not ids:  # the null condition of training's condition dropout: one [BOS]
-            ids, mods, poss = [torch.tensor([BOS_ID])], [torch.tensor([null_modality])], [torch.zeros(1, 2, dtype=torch.long)]
+            ids, mods, poss = [torch.tensor([vocab.bos_id])], [torch.tensor([null_modality])], [torch.zeros(1, 2, dtype=torch.long)]
         rows.append((torch.cat(ids), torch.cat(mods), torch.cat(poss)))
     return rows
 
@@ -189,9 +179,9 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list
         where_known = [known[i].nonzero()[:, 0] for i in range(b)]
         kpos = torch.stack(where_known) if where_known[0].numel() else torch.zeros(b, 0, dtype=torch.long)
         kval = values.gather(1, kpos) if kpos.numel() else torch.zeros(b, 0, dtype=torch.long)
-        rows = _encoder_rows(model, conds, grids, b, mi, (target, kpos, kval))
+        rows = _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval))
         if use_cfg:
-            rows += _encoder_rows(model, conds, grids, b, mi, (target, kpos, kval), unconditional=True)
+            rows += _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval), unconditional=True)
         enc, enc_valid = _encode_rows(model, rows)
         unknown = torch.stack([(~known[i]).nonzero()[:, 0] for i in range(b)])  # (B, U): same U for all
         q = unknown.repeat(2, 1) if use_cfg else unknown
@@ -217,9 +207,9 @@ def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids) -> l
     mi = model.modality_index(target)
     allowed = vocab.allowed_mask(target)
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
-    rows = _encoder_rows(model, conds, grids, b, mi)
+    rows = _encoder_rows(model, vocab, conds, grids, b, mi)
     if use_cfg:
-        rows += _encoder_rows(model, conds, grids, b, mi, unconditional=True)
+        rows += _encoder_rows(model, vocab, conds, grids, b, mi, unconditional=True)
     enc, enc_valid = _encode_rows(model, rows)
     rb = enc.shape[0]
     cache, kvs = model.new_cache(), model.context_kvs(enc)

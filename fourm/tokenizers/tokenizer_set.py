@@ -62,6 +62,16 @@ class TokenizerSet:
         return changed
 
     @property
+    def grids(self) -> dict[str, int]:
+        """Tokens per side of each image-like modality's grid."""
+        return {m: tok.config.grid for m, tok in self.images.items()}
+
+    @property
+    def resolution(self) -> int:
+        """Image side the image tokenizers take (64 when the set has none)."""
+        return next(iter(self.images.values())).config.resolution if self.images else 64
+
+    @property
     def modalities(self) -> list[str]:
         """Modalities this set can encode."""
         return [m for m in self.vocab.modalities if m in self.images or (m in ("caption", "boxes") and self.text is not None)]
