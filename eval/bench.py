@@ -3,8 +3,8 @@
 
     python eval/bench.py [--json OUT] [--repeats 3]
 
-Sections so far: decoding (our KV-cache decode loop vs Hugging Face generate on the same weights,
-greedy, batch 1 and 8) and MaskGIT (ms per 64-token image).
+Sections so far: decoding (our KV-cache decode loop, eager and compiled, vs Hugging Face generate on
+the same weights in the same dtype, greedy, batch 1 and 8) and MaskGIT (ms per 64-token image).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ def main(argv=None) -> int:
     import torch
 
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "decoding": [], "maskgit": None}
-    for b in (1, 8):
-        result["decoding"].append(decoding_vs_hf(b, repeats=args.repeats))
+    for dtype, compile in (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)):
+        for b in (1, 8):
+            result["decoding"].append(decoding_vs_hf(b, repeats=args.repeats, dtype=dtype, compile=compile))
     result["maskgit"] = maskgit_images_per_s(repeats=args.repeats)
-    rows = [[f"decoder_tiny, greedy, batch {r['batch']}, {r['new_tokens']} new tokens", f"{r['ours_tokens_per_s']:.0f}", f"{r['hf_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x"] for r in result["decoding"]]
-    print(markdown_table(["decoding (tokens/s)", "fourm", "HF generate", "ratio"], rows))
+    rows = [[f"decoder_tiny {r['dtype']}, greedy, batch {r['batch']}, {r['new_tokens']} new tokens", "compiled" if r["compiled"] else "eager", f"{r['ours_tokens_per_s']:.0f}", f"{r['hf_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['first_call_s']:.1f}"] for r in result["decoding"]]
+    print(markdown_table(["decoding (tokens/s), both models in the same dtype", "fourm step", "fourm", "HF generate", "ratio", "fourm first call (s)"], rows))
     m = result["maskgit"]
     print(f"\nMaskGIT, encdec_tiny, batch {m['batch']}: {m['steps']} steps = {m['decoder_passes_per_image']} decoder passes per image, {m['ms_per_image']:.1f} ms per image ({m['images_per_s']:.1f} images/s)")
     write_json(args.json, result)

@@ -215,6 +215,12 @@ class SharedVocab:
             mask[self.eos_id] = True
         return mask
 
+    def logit_span(self, modality: str) -> tuple[int, int]:
+        """The smallest id range [lo, hi) that holds every id ``allowed_mask(modality)`` allows:
+        generation computes logits only for those rows of the output layer."""
+        ids = self.allowed_mask(modality).nonzero()[:, 0]
+        return int(ids[0]), int(ids[-1]) + 1
+
     @staticmethod
     def ends_with_eos(modality: str) -> bool:
         """Sequence modalities (captions, boxes) have a variable length that [EOS] ends."""

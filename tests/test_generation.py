@@ -191,7 +191,7 @@ def test_generate_program_writes_every_output(model_dir, synth_dir, tmp_path):
     assert np.load(out / "depth.npy").shape == (64, 64) and (np.load(out / "depth.npy") > 0).all()
     assert Image.open(out / "semseg.png").size == (64, 64)
     assert isinstance(json.loads((out / "boxes.json").read_text()), list)
-    proc = run_program("launch/generate.py", "--model", str(model_dir), "--from", "caption=a large red sphere", "--to", "rgb", "--out", str(tmp_path / "o2"), "--steps", "2")
+    proc = run_program("launch/generate.py", "--model", str(model_dir), "--from", "caption=a large red sphere", "--to", "rgb", "--out", str(tmp_path / "o2"), "--steps", "2", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "o2" / "rgb.png").size == (64, 64)
 
@@ -210,3 +210,21 @@ def test_generate_program_bad_input(model_dir, tmp_path):
     assert_usage_error(run_program("launch/generate.py", "--model", str(tmp_path), "--out", str(out), "--to", "depth"), "config.json")
     assert_usage_error(run_program("launch/generate.py", *base, "--from", "caption=hi", "--to", "caption"), "both an input and a target")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_compiled_decoding_step_equals_eager(tok, batch):
+    """GenerationConfig(compile=True) (torch.compile with frozen weights) draws the same greedy
+    tokens as the eager step, and compiles again after the weights change."""
+    from fourm.generation import compiled as compiled_step
+
+    model = _model(tok, "decoder")
+    eager = generate(model, tok, {"caption": batch["caption"][:2]}, ["rgb"], GREEDY).ids["rgb"]
+    compiled = generate(model, tok, {"caption": batch["caption"][:2]}, ["rgb"], GenerationConfig(temperature=0.0, compile=True)).ids["rgb"]
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert not compiled_step.status["failed"] and compiled_step.status["compiled_steps"] >= 63
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # new weights: the frozen graph must not be reused
+    eager = generate(model, tok, {"caption": batch["caption"][:2]}, ["rgb"], GREEDY).ids["rgb"]
+    compiled = generate(model, tok, {"caption": batch["caption"][:2]}, ["rgb"], GenerationConfig(temperature=0.0, compile=True)).ids["rgb"]
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert not compiled_step.status["failed"] and compiled_step.status["recompiles_for_new_weights"] == 1

@@ -152,6 +152,55 @@ def test_kv_cache_decoding_equals_full_recomputation():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_growing_kv_cache_equals_full_recomputation():
+    model = tiny_decoder()
+    ids = torch.randint(4, VOCAB.size, (2, 7))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(capacity=2)  # too small: the buffer grows while decoding
+        steps = [model(ids[:, :3], past_key_values=cache).logits] + [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(3, 7)]
+    assert cache[0].k.shape[2] >= 7 and cache[0].length == 7
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_with_left_padding_equals_unpadded_decoding():
+    """Static caches (fixed shapes, what compiled decoding uses): a left-padded row decodes exactly
+    as the same row alone without padding; logits_span gives the matching slice of the logits."""
+    model = tiny_decoder(qk_norm="layernorm")
+    long, short = torch.randint(4, VOCAB.size, (9,)), torch.randint(4, VOCAB.size, (7,))
+    steps = 3
+    n, capacity = 6, 6 + steps
+    ids = torch.stack([long[:n], torch.cat([torch.zeros(2, dtype=torch.long), short[:4]])])  # row 1: 2 pads
+    pos = torch.stack([torch.arange(n), torch.cat([torch.zeros(2, dtype=torch.long), torch.arange(4)])])
+    mask = torch.ones(2, capacity, dtype=torch.long)
+    mask[1, :2] = 0
+    span = (10, 60)
+    with torch.no_grad():
+        cache = model.new_cache(capacity, static=True)
+        out = [model(ids, positions=pos, attention_mask=mask, past_key_values=cache, cache_position=torch.arange(n), logits_to_keep=1, logits_span=span).logits]
+        for t in range(steps):
+            nxt = torch.stack([long[n + t], short[4 + t]])[:, None]
+            p = torch.stack([torch.tensor(n + t), torch.tensor(4 + t)])[:, None]
+            out.append(model(nxt, positions=p, attention_mask=mask, past_key_values=cache, cache_position=torch.tensor([n + t])).logits)
+        ref_long = model(long[None, : n + steps]).logits[0, n - 1 :]
+        ref_short = model(short[None, : 4 + steps]).logits[0, 3:]
+    assert out[0].shape == (2, 1, span[1] - span[0])
+    torch.testing.assert_close(out[0][:, 0], torch.stack([ref_long[0], ref_short[0]])[:, span[0] : span[1]], atol=1e-5, rtol=1e-5)
+    got = torch.cat(out[1:], 1)  # (2, steps, V)
+    torch.testing.assert_close(got[0], ref_long[1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref_short[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_cast_keeps_rope_in_float32():
+    model = tiny_decoder()
+    ids = torch.randint(4, VOCAB.size, (1, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        half = model.to(torch.bfloat16)(ids).logits.float()
+    assert model.config.rope_inv_freq().dtype == torch.float32
+    assert (half.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
 def test_decoder_loss_is_shifted_next_token_cross_entropy():
     model = tiny_decoder(z_loss=0.0)
     ids = torch.randint(4, VOCAB.size, (2, 6))

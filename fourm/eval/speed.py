@@ -26,29 +26,47 @@ def _best(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def decoding_vs_hf(batch: int, new_tokens: int = 64, prompt: int = 24, preset: str = "configs/models/decoder_tiny.yaml", repeats: int = 3, overrides: tuple = ("qk_norm=none",)) -> dict:
+def decoding_vs_hf(batch: int, new_tokens: int = 64, prompt: int = 24, preset: str = "configs/models/decoder_tiny.yaml", repeats: int = 3, overrides: tuple = ("qk_norm=none",), dtype: str = "float32", compile: bool = False) -> dict:
     """Greedy KV-cache decoding of ``new_tokens`` image tokens after a caption prompt: our decode
-    loop vs ``transformers`` ``generate`` on the same weights (exported to LlamaForCausalLM)."""
+    loop vs ``transformers`` ``generate`` on the same weights (exported to LlamaForCausalLM), both
+    models cast to ``dtype``; ``compile`` compiles our decoding step (its one-off compile time is
+    reported apart, not counted in tokens/s). The token streams differ (fourm gives image tokens 2D
+    RoPE positions, the Llama export 1D ones, and HF scores the whole vocabulary where fourm scores
+    the rgb id range only); the work per token is the same transformer."""
     from fourm.models.hf import to_hf
 
     vocab = SharedVocab.build(BENCH_SPACES)
     torch.manual_seed(0)
     model = build_model(preset, vocab=vocab, overrides=list(overrides)).eval()
     hf = to_hf(model)
+    model.to(getattr(torch, dtype))
+    hf.to(getattr(torch, dtype))
     g = int(new_tokens**0.5)
     caption = [vocab.to_global("text", torch.randint(0, 512, (prompt,))) for _ in range(batch)]
-    cfg = GenerationConfig(temperature=0.0)
+    cfg = GenerationConfig(temperature=0.0, compile=compile)
+    start = time.perf_counter()
+    generate_ids(model, vocab, {"rgb": g}, {"caption": caption}, ["rgb"], cfg)
+    first_call = time.perf_counter() - start
     ours = _best(lambda: generate_ids(model, vocab, {"rgb": g}, {"caption": caption}, ["rgb"], cfg), repeats)
     packed = pack_sequence([("caption", caption[0])], vocab)
     ids = torch.cat([packed.ids, torch.tensor([vocab.begin_id("rgb")])])[None].repeat(batch, 1)
     mask = torch.ones_like(ids)
 
     def run_hf():
-        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=g * g, min_new_tokens=g * g, do_sample=False, pad_token_id=0)
+        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=g * g, min_new_tokens=g * g, do_sample=False, pad_token_id=0)
 
     theirs = _best(run_hf, repeats)
     n = batch * g * g
-    return {"batch": batch, "new_tokens": g * g, "ours_tokens_per_s": n / ours, "hf_tokens_per_s": n / theirs, "speedup": theirs / ours}
+    return {
+        "batch": batch,
+        "dtype": dtype,
+        "compiled": compile,
+        "new_tokens": g * g,
+        "ours_tokens_per_s": n / ours,
+        "hf_tokens_per_s": n / theirs,
+        "speedup": theirs / ours,
+        "first_call_s": first_call,
+    }
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fourm.generation.compiled import compiled_decode_step, decode_step
 from fourm.generation.sampling import guided, sample, temperature_at, unmask_counts
 from fourm.modalities import MODALITIES
 from fourm.models.sequence import pack_sequence
@@ -40,6 +41,7 @@ class GenerationConfig:
     cfg_scale: float = 0.0
     max_len: int = 96  # sequence targets
     seed: int = 0
+    compile: bool = False  # decoder-only: torch.compile the decoding step (pays off from ~100 tokens)
     per_target: dict[str, dict] = field(default_factory=dict)
 
     def for_target(self, modality: str) -> "GenerationConfig":
@@ -171,6 +173,7 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list
     g = grids[target]
     n = g * g
     mi = model.modality_index(target)
+    lo, hi = vocab.logit_span(target)
     known = torch.zeros(b, n, dtype=torch.bool)
     values = torch.full((b, n), vocab.mask_id, dtype=torch.long)
     counts = unmask_counts(n, cfg.steps, cfg.schedule)
@@ -188,10 +191,11 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list
         rb, u = q.shape
         dec_ids = torch.full((rb, u), vocab.mask_id)
         pos = torch.stack([q // g, q % g], -1)
-        logits = model.decode(enc, enc_valid, dec_ids, torch.full((rb, u), mi), pos, torch.zeros(rb, u, dtype=torch.bool), torch.ones(rb, u, dtype=torch.bool))
+        logits = model.decode(enc, enc_valid, dec_ids, torch.full((rb, u), mi), pos, torch.zeros(rb, u, dtype=torch.bool), torch.ones(rb, u, dtype=torch.bool), logits_span=(lo, hi))
         logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
         temp = temperature_at(step, len(counts), cfg.temperature, cfg.temperature_end)
         drawn, conf = sample(logits, temp, cfg.top_k, cfg.top_p, generator)
+        drawn = drawn + lo
         if cfg.scheme == "roar":
             order = torch.stack([torch.randperm(u, generator=generator) for _ in range(b)])
         else:
@@ -205,7 +209,8 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list
 
 def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids) -> list[torch.Tensor]:
     mi = model.modality_index(target)
-    allowed = vocab.allowed_mask(target)
+    lo, hi = vocab.logit_span(target)
+    allowed = vocab.allowed_mask(target)[lo:hi]
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
     rows = _encoder_rows(model, vocab, conds, grids, b, mi)
     if use_cfg:
@@ -219,10 +224,11 @@ def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids) -> l
     ones = torch.ones(rb, 1, dtype=torch.bool)
     for t in range(cfg.max_len):
         pos = torch.full((rb, 1, 2), t)
-        logits = model.decode(enc, enc_valid, token, torch.full((rb, 1), mi), pos, ones, ones, cache=cache, context_kvs=kvs)[:, -1]
+        logits = model.decode(enc, enc_valid, token, torch.full((rb, 1), mi), pos, ones, ones, cache=cache, context_kvs=kvs, logits_span=(lo, hi))[:, -1]
         logits = logits.float().masked_fill(~allowed, float("-inf"))  # no span-masking sentinels
         logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
         nxt, _ = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        nxt = nxt + lo
         nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
         out[:, t] = nxt
         done |= nxt == vocab.eos_id
@@ -240,7 +246,8 @@ def _cut_at_eos(row: torch.Tensor, vocab) -> torch.Tensor:
 
 # -- decoder-only ----------------------------------------------------------------------------------
 def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
-    allowed = vocab.allowed_mask(target)
+    lo, hi = vocab.logit_span(target)  # logits only for the target's id range
+    allowed = vocab.allowed_mask(target)[lo:hi]
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
     seqs = []
     for unconditional in ([False, True] if use_cfg else [False]):
@@ -262,8 +269,10 @@ def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> li
     image = _kind(target) == "image"
     g = grids.get(target, 0)
     length = g * g if image else cfg.max_len
-    cache = model.new_cache()
-    logits = model(ids, positions=pos, attention_mask=mask, past_key_values=cache).logits[:, -1]
+    cache = model.new_cache(n + length, static=True)  # fixed shapes: one compiled step serves all
+    mask = torch.cat([mask, torch.ones(rb, length, dtype=torch.long)], 1)  # (rb, capacity): generated tokens are real
+    logits = model(ids, positions=pos, attention_mask=mask, past_key_values=cache, cache_position=torch.arange(n), logits_to_keep=1, logits_span=(lo, hi)).logits[:, -1]
+    step = compiled_decode_step if cfg.compile else decode_step
     out = torch.full((b, length), vocab.pad_id)
     done = torch.zeros(b, dtype=torch.bool)
     for t in range(length):
@@ -271,6 +280,7 @@ def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> li
         logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
         temp = temperature_at(t, length, cfg.temperature, cfg.temperature_end) if image else cfg.temperature
         nxt, _ = sample(logits, temp, cfg.top_k, cfg.top_p, generator)
+        nxt = nxt + lo
         if not image:
             nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
             done |= nxt == vocab.eos_id
@@ -284,6 +294,5 @@ def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> li
         else:
             p = (next_pos + t)[:, None].expand(rb, 2)
         step_ids = nxt.repeat(2) if use_cfg else nxt
-        mask = torch.cat([mask, torch.ones(rb, 1, dtype=torch.long)], 1)
-        logits = model(step_ids[:, None], positions=p[:, None], attention_mask=mask, past_key_values=cache).logits[:, -1]
+        logits = step(model, step_ids[:, None], p[:, None], torch.tensor([n + t]), mask, cache, (lo, hi))
     return list(out) if image else [_cut_at_eos(row, vocab) for row in out]

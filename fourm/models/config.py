@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fourm.models.layers import BlockConfig
+import torch
+
+from fourm.models.layers import BlockConfig, rope_inv_freq
 
 
 def llama_mlp_hidden(dim: int, multiple_of: int = 64) -> int:
@@ -45,3 +47,8 @@ class TransformerConfig:
 
     def block_config(self) -> BlockConfig:
         return BlockConfig(self.dim, self.n_heads, self.n_kv_heads, self.mlp_hidden, self.qk_norm, self.norm_eps, self.attention_backend)
+
+    def rope_inv_freq(self, device=None) -> torch.Tensor:
+        """RoPE inverse frequencies (float32), computed per forward (a few scalar ops) rather than
+        kept as a buffer, so that they stay float32 when the model is cast to bfloat16."""
+        return rope_inv_freq(self.dim // self.n_heads, self.rope_theta, device)

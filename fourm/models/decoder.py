@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import Block, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
+from fourm.models.layers import Block, KVCache, RMSNorm, output_logits, rope_cos_sin, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -47,11 +47,12 @@ class DecoderLM(nn.Module, Pretrained):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.register_buffer("inv_freq", rope_inv_freq(bc.head_dim, config.rope_theta), persistent=False)
         self.apply(_init_weights)
 
-    def new_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.blocks]
+    def new_cache(self, capacity: int = 256, static: bool = False) -> list[KVCache]:
+        """Per-layer KV caches; ``static`` ones (fixed shapes, for compiled decoding) hold
+        ``capacity`` positions and are written at ``cache_position``."""
+        return [KVCache(capacity, static) for _ in self.blocks]
 
     def forward(
         self,
@@ -61,6 +62,9 @@ class DecoderLM(nn.Module, Pretrained):
         attention_mask: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
         past_key_values: list[KVCache] | None = None,
+        logits_to_keep: int = 0,
+        logits_span: tuple[int, int] | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Args:
             input_ids: (B, T) shared-vocabulary ids.
@@ -69,17 +73,27 @@ class DecoderLM(nn.Module, Pretrained):
             attention_mask: (B, S) 1 for real tokens, 0 for padding (S = cached + T).
             prefix_len: (B,) PrefixLM prefix lengths (bidirectional there); None: causal.
             past_key_values: per-layer caches from ``new_cache()``, extended in place.
+            logits_to_keep: compute logits only for the last N positions (0: all), as in HF.
+            logits_span: (lo, hi): compute only output rows lo..hi-1 (a modality's id range, see
+                ``SharedVocab.logit_span``); logits are then (B, T, hi - lo), column j = id lo + j.
+            cache_position: (T,) the slots of static caches (``new_cache(static=True)``) the new
+                tokens take; ``attention_mask`` is then (B, capacity) and slots after the new
+                tokens are hidden.
         """
         b, t = input_ids.shape
+        if cache_position is not None:
+            return self._static_forward(input_ids, positions, attention_mask, past_key_values, cache_position, logits_to_keep, logits_span)
         past = past_key_values[0].length if past_key_values else 0
         if positions is None:
             positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         s = past + t
         if prefix_len is not None:
             if past:
                 raise ValueError("prefix_len applies to a full forward, not to cached decoding")
             mask = prefix_lm_mask(prefix_len, t, attention_mask.bool() if attention_mask is not None else None)
+        elif t == 1:  # one new token sees every cached one that is not padding
+            mask = padding_mask(attention_mask) if attention_mask is not None else None
         else:
             mask = causal_mask(t, s, device=input_ids.device).expand(b, 1, t, s)
             if attention_mask is not None:
@@ -88,7 +102,7 @@ class DecoderLM(nn.Module, Pretrained):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
-        logits = self.lm_head(self.norm(x))
+        logits = self._logits(x, logits_to_keep, logits_span)
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float()
@@ -96,6 +110,29 @@ class DecoderLM(nn.Module, Pretrained):
             if self.config.z_loss:
                 loss = loss + z_loss(shifted[labels[:, 1:] != IGNORE_INDEX], self.config.z_loss)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
+
+    def _logits(self, x: torch.Tensor, logits_to_keep: int, logits_span) -> torch.Tensor:
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return output_logits(self.lm_head, self.norm(x), logits_span)
+
+    def _static_forward(self, input_ids, positions, attention_mask, caches, cache_position, logits_to_keep, logits_span) -> CausalLMOutput:
+        """Inference over static caches: fixed shapes whatever the step, so it compiles once."""
+        if not caches or not caches[0].static:
+            raise ValueError("cache_position needs static caches: model.new_cache(capacity, static=True)")
+        b, t = input_ids.shape
+        s = caches[0].capacity
+        if positions is None:
+            positions = cache_position[None].expand(b, t)
+        cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
+        slots = torch.arange(s, device=input_ids.device)[None, :]
+        mask = (slots <= cache_position[:, None])[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:  # padding hidden; each token still sees itself (no empty row)
+            mask = (mask & padding_mask(attention_mask)) | (slots == cache_position[:, None])[None, None]
+        x = self.embed(input_ids)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cos, sin, mask, cache, cache_position=cache_position)
+        return CausalLMOutput(logits=self._logits(x, logits_to_keep, logits_span), loss=None, past_key_values=caches)
 
 
 def _init_weights(module: nn.Module) -> None:

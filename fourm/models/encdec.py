@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
 from fourm.models.decoder import IGNORE_INDEX, _init_weights
-from fourm.models.layers import Block, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq, z_loss
+from fourm.models.layers import Block, KVCache, RMSNorm, output_logits, rope_cos_sin, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
 from fourm.models.pretrained import Pretrained
@@ -57,7 +57,6 @@ class EncoderDecoder(nn.Module, Pretrained):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.register_buffer("inv_freq", rope_inv_freq(bc.head_dim, config.rope_theta), persistent=False)
         allowed = torch.zeros(len(config.modalities), config.vocab_size, dtype=torch.bool)
         for i, m in enumerate(config.modalities):
             for start, stop in config.modality_ranges.get(m, []):
@@ -74,7 +73,7 @@ class EncoderDecoder(nn.Module, Pretrained):
     def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim)."""
         x = self.embed(ids) + self.modality_embed(modality)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         mask = bidirectional_mask(valid)
         for block in self.encoder:
             x = block(x, cos, sin, mask)
@@ -99,6 +98,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         valid: torch.Tensor,
         cache: list[KVCache] | None = None,
         context_kvs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        logits_span: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Decoder -> logits (B, T, V) restricted to each token's modality range.
 
@@ -107,9 +107,11 @@ class EncoderDecoder(nn.Module, Pretrained):
         cache: per-layer self-attention caches for step-by-step decoding of one sequence target
             (every cached token belongs to that target, so the mask is causal over cache + new).
         context_kvs: from ``context_kvs(encoder_out)``, to skip recomputing them each step.
+        logits_span: (lo, hi): only output rows lo..hi-1 (logits (B, T, hi - lo)); see
+            ``SharedVocab.logit_span``.
         """
         x = self.embed(ids) + self.modality_embed(modality)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         if cache is not None:
             past, t = cache[0].length, ids.shape[1]
             mask = causal_mask(t, past + t, device=ids.device).expand(ids.shape[0], 1, t, past + t)
@@ -119,8 +121,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out)
         for i, block in enumerate(self.decoder):
             x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask)
-        logits = self.lm_head(self.dec_norm(x))
-        return logits.masked_fill(~self.allowed[modality], float("-inf"))
+        logits = output_logits(self.lm_head, self.dec_norm(x), logits_span)
+        allowed = self.allowed[modality] if logits_span is None else self.allowed[modality][..., logits_span[0] : logits_span[1]]
+        return logits.masked_fill(~allowed, float("-inf"))
 
     def forward(
         self,

@@ -53,9 +53,9 @@ class HeadLayerNorm(nn.Module):
 
 
 # -- rotary position embedding -------------------------------------------------------------------
-def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """(head_dim // 2,) inverse frequencies, Llama's."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """(head_dim // 2,) float32 inverse frequencies, Llama's."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +103,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if h != hkv:
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
+    if backend == "sdpa" and q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # one query (a decoding step): PyTorch's CPU flash kernel is ~4x slower in bfloat16 than in
+        # float32 at this shape (215 vs 56 us for batch 8, 90 keys), so attend in float32
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "reference":
@@ -123,21 +127,50 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
 
 
-@dataclass
 class KVCache:
-    """Keys and values seen so far by one attention layer: (B, Hkv, S, D) each."""
+    """Keys and values seen so far by one attention layer, in a pre-allocated buffer.
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    Dynamic (default): ``append`` writes the new (B, Hkv, T, D) keys/values after the cached ones
+    and returns views (B, Hkv, S, D) of everything cached (no concatenation per decoded token); the
+    buffer doubles when full. Static (``static=True``, for compiled decoding): ``append(k, v,
+    position)`` writes at the given slots (T,) and returns the whole (B, Hkv, capacity, D) buffer,
+    so every step has the same shapes; the caller's mask hides slots not written yet.
+    """
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    def __init__(self, capacity: int = 256, static: bool = False):
+        self.capacity, self.static = capacity, static
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else int(self.k.shape[2])
+    def _reserve(self, like: torch.Tensor, n: int) -> None:
+        if self.k is not None and n <= self.k.shape[2]:
+            return
+        size = max(n, self.capacity, 2 * (self.k.shape[2] if self.k is not None else 0))
+        shape = (*like.shape[:2], size, like.shape[3])
+        k, v = like.new_empty(shape), like.new_empty(shape)
+        if self.k is not None:
+            k[:, :, : self.length], v[:, :, : self.length] = self.k[:, :, : self.length], self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            if position is None:
+                raise ValueError("a static KV cache needs the positions (cache_position) to write")
+            if self.k is None:
+                shape = (*k.shape[:2], self.capacity, k.shape[3])
+                self.k, self.v = k.new_zeros(shape), k.new_zeros(shape)
+            self.k.index_copy_(2, position, k.to(self.k.dtype))
+            self.v.index_copy_(2, position, v.to(self.v.dtype))
+            return self.k, self.v
+        end = self.length + k.shape[2]
+        if self.k is not None and self.k.dtype != k.dtype:  # autocast switched on or off between calls
+            self.k, self.v = self.k.to(k.dtype), self.v.to(k.dtype)
+        self._reserve(k, end)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def _qk_norm(kind: str, n_heads: int, head_dim: int, eps: float) -> nn.Module | None:
@@ -163,8 +196,9 @@ class Attention(nn.Module):
         self.q_norm = _qk_norm(qk_norm, n_heads, head_dim, eps)
         self.k_norm = _qk_norm(qk_norm, n_kv_heads, head_dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, dim); cos/sin (B, T, D); mask (B, 1, T, S) with S = cached + T -> (B, T, dim)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); cos/sin (B, T, D); mask (B, 1, T, S) with S = cached + T (a static
+        cache: S = its capacity, ``cache_position`` (T,) the slots written) -> (B, T, dim)."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -175,7 +209,7 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v, cache_position)
         out = attention(q, k, v, mask, self.backend)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -255,12 +289,23 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, context_kv=None, context_mask=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, context_kv=None, context_mask=None, cache_position=None) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, dim)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_position)
         if self.cross is not None:
             x = x + self.cross(self.cross_norm(x), context_kv, context_mask)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def output_logits(head: nn.Module, h: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
+    """The output layer on h (..., dim) -> (..., V), or only its rows lo..hi-1 of ``span`` ->
+    (..., hi - lo). The full pass calls the module (so ZeRO-3 gathering and peft wrappers apply);
+    a span multiplies by a view of a plain ``nn.Linear``'s weight (no copy), else slices."""
+    if span is None:
+        return head(h)
+    if type(head) is nn.Linear and head.bias is None:
+        return F.linear(h, head.weight[span[0] : span[1]])
+    return head(h)[..., span[0] : span[1]]
 
 
 def z_loss(logits: torch.Tensor, weight: float) -> torch.Tensor:
