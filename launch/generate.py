@@ -12,33 +12,14 @@ boxes.png + boxes.json, caption.txt, rgb.png and overview.png into --out.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
-
-import torch
 
 from fourm.cli import ArgumentParser, UsageError, non_negative_int, positive_int, run, setup_logging
 from fourm.generation.api import GenerationConfig, generate
-from fourm.generation.files import load_inputs, parse_from, save_outputs
-from fourm.models.build import load_model
-from fourm.tokenizers.tokenizer_set import TokenizerSet
-from fourm.vocab import VOCAB_FILE
+from fourm.generation.files import load_inputs, open_model, parse_from, save_outputs
 
 log = logging.getLogger("generate")
-
-
-def tokenizer_dir(model_dir: str, explicit: str | None) -> str:
-    """The tokenizer set: --tokenizers, else the one the training run recorded next to the model."""
-    if explicit:
-        return explicit
-    record = Path(model_dir) / "tokenizers.json"
-    if record.is_file():
-        path = json.loads(record.read_text()).get("tokenizers")
-        if path:
-            return path
-    raise UsageError(f"no tokenizer set known for {model_dir}: pass --tokenizers DIR")
 
 
 def main(argv=None) -> int:
@@ -61,13 +42,10 @@ def main(argv=None) -> int:
     setup_logging()
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
-    for name in ("config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(args.model, name)):
-            raise UsageError(f"--model {args.model}: missing {os.path.join(args.model, name)}")
-    tok_dir = tokenizer_dir(args.model, args.tokenizers)
-    if not os.path.isfile(os.path.join(tok_dir, VOCAB_FILE)):
-        raise UsageError(f"no tokenizer set at {tok_dir} (missing {os.path.join(tok_dir, VOCAB_FILE)})")
-    tokenizers = TokenizerSet.from_pretrained(tok_dir)
+    try:
+        model, tokenizers = open_model(args.model, args.tokenizers, args.dtype)
+    except (OSError, ValueError) as exn:
+        raise UsageError(str(exn)) from None
     known = tokenizers.modalities
     targets = [t.strip() for t in args.to.split(",") if t.strip()]
     if not targets:
@@ -80,7 +58,6 @@ def main(argv=None) -> int:
     if overlap:
         raise UsageError(f"{', '.join(sorted(overlap))} is both an input and a target")
     inputs = load_inputs(spec, tokenizers.resolution)
-    model = load_model(args.model).to(getattr(torch, args.dtype))
     config = GenerationConfig(scheme=args.scheme, steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, seed=args.seed, compile=args.compile)
     try:
         result = generate(model, tokenizers, inputs, targets, config)

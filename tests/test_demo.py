@@ -12,7 +12,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "demo"
     args = [
         "--out", str(out), "--set", "data.train_scenes=48", "--set", "data.val_scenes=16", "--set", "data.shard_size=16",
-        "--set", "overview_scenes=3", "--set", "sample_scenes=3",
+        "--set", "overview_scenes=3", "--set", "sample_scenes=3", "--set", "eval.scenes=6", "--set", "eval.steps=2", "--set", "eval.judge_steps=3",
         "--set", "tokenizers.max_steps=3", "--set", "train.max_steps=4",
         "--set", "train.overrides=[data.batch_size=4,data.shuffle_buffer=8,log_every=2,ckpt_every=2]",
     ]
@@ -20,7 +20,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"data", "inspect", "tokenizers", "pretokenize", "train", "samples"}
+    assert set(stages) == {"data", "inspect", "tokenizers", "pretokenize", "train", "evaluate", "samples"}
     assert stages["data"]["train"]["num_samples"] == 48 and not stages["data"]["train"]["reused"]
     ins = stages["inspect"]
     assert ins["val_samples_read"] == 16 and ins["skipped"]["total"] == 0 and sum(ins["boxes_per_scene"].values()) == 16
@@ -28,7 +28,15 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     assert stages["tokenizers"]["rgb"]["steps"] == 3 and "psnr" in stages["tokenizers"]["rgb"]["val"]
     assert stages["pretokenize"]["train"]["samples"] == 48
     assert stages["train"]["steps"] == 4
-    assert {"abs_rel", "delta1"} <= set(stages["samples"]["rgb_to_depth"]) and 0 <= stages["samples"]["rgb_to_semseg_miou"] <= 1
+    ev = stages["evaluate"]
+    for part in ("model", "ceiling", "floor"):
+        assert {"rgb_to_depth", "rgb_to_semseg", "rgb_to_boxes", "rgb_to_caption", "caption_to_rgb"} <= set(ev[part]), part
+    assert {"abs_rel", "rmse", "delta1", "delta2", "delta3"} <= set(ev["model"]["rgb_to_depth"]) and 0 <= ev["model"]["rgb_to_semseg"]["miou"] <= 1
+    assert {"map", "map50"} <= set(ev["model"]["rgb_to_boxes"]) and {"precision", "recall", "f1"} <= set(ev["model"]["rgb_to_caption"])
+    assert {"accuracy", "objects", "count", "relations"} <= set(ev["model"]["caption_to_rgb"])
+    assert ev["ceiling"]["rgb_to_caption"]["f1"] == 1.0 and ev["floor"]["rgb_to_boxes"]["map50"] == 0.0
+    assert set(ev["targets"]) == set(ev["model"]) - {"training_scenes"}
+    assert "| rgb → depth | delta1 |" in (out / "report.md").read_text()
     for path in ("samples/data_overview.png", "samples/rgb_to_all.png", "samples/caption_to_rgb.png", "model/model.safetensors", "tokenizers/vocab.json", "tokens/val/manifest.json", "data/val/manifest.json", "report.md"):
         assert (out / path).is_file(), path
     assert "## Samples on held-out scenes" in (out / "report.md").read_text()
@@ -36,7 +44,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     proc = run_program("launch/demo.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = json.loads((out / "report.json").read_text())["stages"]
-    assert stages["data"]["train"]["reused"] and stages["train"]["reused"] and stages["pretokenize"]["train"]["reused"]
+    assert stages["data"]["train"]["reused"] and stages["train"]["reused"] and stages["pretokenize"]["train"]["reused"] and stages["evaluate"]["reused"]
     assert all(rec["reused"] for rec in stages["tokenizers"].values())
     assert (out / "data" / "train" / "shard-000000.tar").stat().st_mtime_ns == mtime
 

@@ -143,3 +143,31 @@ def _write_all(out: Path, inputs: dict, outputs: dict, scale: int) -> list[Path]
             panels.append(caption_strip("out: " + v, 64 * scale))
     save_png("overview.png", grid([panels]))
     return written
+
+
+def tokenizer_dir(model_dir: str | Path, explicit: str | Path | None = None) -> Path:
+    """The tokenizer set: ``explicit``, else the one the training run recorded next to the model."""
+    if explicit:
+        return Path(explicit)
+    record = Path(model_dir) / "tokenizers.json"
+    if record.is_file():
+        path = json.loads(record.read_text()).get("tokenizers")
+        if path:
+            return Path(path)
+    raise ValueError(f"no tokenizer set known for {model_dir}: pass --tokenizers DIR")
+
+
+def open_model(model_dir: str | Path, tokenizers: str | Path | None = None, dtype: str = "float32"):
+    """(model in eval mode cast to ``dtype``, its TokenizerSet); a missing file is a ValueError
+    naming the path."""
+    from fourm.models.build import load_model
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+    from fourm.vocab import VOCAB_FILE
+
+    for name in ("config.json", "model.safetensors"):
+        if not (Path(model_dir) / name).is_file():
+            raise ValueError(f"--model {model_dir}: missing {Path(model_dir) / name}")
+    tok_dir = tokenizer_dir(model_dir, tokenizers)
+    if not (tok_dir / VOCAB_FILE).is_file():
+        raise ValueError(f"no tokenizer set at {tok_dir} (missing {tok_dir / VOCAB_FILE})")
+    return load_model(model_dir).to(getattr(torch, dtype)).eval(), TokenizerSet.from_pretrained(tok_dir)

@@ -7,7 +7,8 @@ import numpy as np
 
 from fourm.data.synth.scene import Scene, SceneObject
 
-_RELATIONS = {
+# every wording of each relation (the evaluation parses captions with these)
+RELATION_PHRASES = {
     "left": ("left of", "to the left of", "on the left of"),
     "right": ("right of", "to the right of", "on the right of"),
     "front": ("in front of", "closer than"),
@@ -57,7 +58,7 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
         return template.format(a=_article(order[0].label))
 
     def placed(obj: SceneObject, ref: SceneObject, definite: bool) -> str:
-        words = _RELATIONS[relation(obj, ref, scene)]
+        words = RELATION_PHRASES[relation(obj, ref, scene)]
         rel = words[int(rng.integers(len(words)))]
         target = _reference(ref, visible) if definite else _article(ref.label)
         return f"{_article(obj.label)} {rel} {target}"

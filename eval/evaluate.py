@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""The evaluation suite on held-out scenes: every direction against its floor and its ceiling.
+
+    python eval/evaluate.py --model DIR --data DIR --json OUT [--train-data DIR] [--judge FILE]
+        [--tokenizers DIR] [--scenes 64] [--steps 8] [--md OUT]
+
+--train-data enables the floors (mean depth, majority class, commonest object) and, when --judge
+names no existing file, trains the caption -> rgb judge's segmenter on it and saves it there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fourm.cli import ArgumentParser, UsageError, positive_int, run, setup_logging, write_json
+from fourm.data.shards import require_shards
+from fourm.eval.suite import EvalConfig, check_targets, evaluate, markdown_report
+
+log = logging.getLogger("evaluate")
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a from_pretrained model directory")
+    p.add_argument("--data", required=True, help="held-out raw shards (a directory with a manifest)")
+    p.add_argument("--json", required=True, help="write every figure here")
+    p.add_argument("--md", default=None, help="also write a markdown table here")
+    p.add_argument("--train-data", default=None, help="training shards: floors, and the judge's training data")
+    p.add_argument("--judge", default=None, help="judge segmenter (.safetensors): loaded if it exists, else trained from --train-data and saved")
+    p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model)")
+    p.add_argument("--scenes", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps per image target")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--judge-steps", type=positive_int, default=400)
+    args = p.parse_args(argv)
+    setup_logging()
+    from fourm.eval.judge import JudgeConfig, load_segmenter, save_segmenter, train_segmenter
+    from fourm.generation.files import open_model
+
+    for flag, path in (("--data", args.data), ("--train-data", args.train_data)):
+        if path is not None:
+            require_shards(path, flag)
+    try:
+        model, tokenizers = open_model(args.model, args.tokenizers)
+    except (OSError, ValueError) as exn:
+        raise UsageError(str(exn)) from None
+    config = EvalConfig(scenes=args.scenes, steps=args.steps, batch_size=args.batch_size, judge=JudgeConfig(steps=args.judge_steps))
+    judge = None
+    if args.judge and Path(args.judge).is_file():
+        judge = load_segmenter(args.judge)
+    elif args.train_data:
+        judge = train_segmenter(args.train_data, config.judge)
+        if args.judge:
+            Path(args.judge).parent.mkdir(parents=True, exist_ok=True)
+            save_segmenter(judge, args.judge)
+    else:
+        log.warning("no --judge file and no --train-data: caption -> rgb is not judged")
+    report, _ = evaluate(model, tokenizers, args.data, config, train_dir=args.train_data, judge=judge)
+    report["targets"] = check_targets(report)
+    write_json(args.json, report)
+    table = markdown_report(report)
+    if args.md:
+        Path(args.md).write_text(table + "\n")
+    print(table)
+    log.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,189 @@
+"""A GenEval-style judge for caption -> rgb that does not use the model under test.
+
+Shapes come from a small segmenter trained on ground-truth (rgb, semseg) pairs of the training
+split; colours from colour analysis: each connected object region's median colour is matched to
+the CLEVR palette by direction in RGB (so shading, which scales brightness, does not change it).
+A generated image is *correct* for its prompt when every named object is there with its colour,
+the number of objects is the number named, and every stated relation holds (left/right by the
+regions' centres, front/behind by their lowest rows: nearer objects reach lower in the image).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fourm.data.synth.scene import CLASSES, COLORS, SHAPES
+from fourm.eval.captions import parse_caption
+
+log = logging.getLogger(__name__)
+
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
+_PALETTE_NAMES = list(COLORS)
+_FIRST_SHAPE_CLASS = CLASSES.index(SHAPES[0])
+
+
+@dataclass
+class JudgeConfig:
+    width: int = 32
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    max_minutes: float = 3.0
+    min_pixels: int = 8  # smaller regions are noise, not objects
+    seed: int = 0
+
+
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU())
+
+
+class Segmenter(nn.Module):
+    """A small U-Net, rgb (B, 3, H, W) in [0, 1] -> class logits (B, len(CLASSES), H, W); H and W
+    multiples of 4. Two downsamplings give it the receptive field to tell a cube from a cylinder."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.down1, self.down2, self.mid = _conv(3, w), _conv(w, 2 * w), _conv(2 * w, 4 * w)
+        self.up2, self.up1 = _conv(6 * w, 2 * w), _conv(3 * w, w)
+        self.head = nn.Conv2d(w, len(CLASSES), 1)
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        a = self.down1(rgb)
+        b = self.down2(F.avg_pool2d(a, 2))
+        c = self.mid(F.avg_pool2d(b, 2))
+        b = self.up2(torch.cat([b, F.interpolate(c, scale_factor=2.0)], 1))
+        return self.head(self.up1(torch.cat([a, F.interpolate(b, scale_factor=2.0)], 1)))
+
+    @torch.no_grad()
+    def segment(self, rgb_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, H, W) class ids."""
+        return self(rgb_uint8.float() / 255.0).argmax(1)
+
+
+def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool = True) -> Segmenter:
+    """Fit the judge's segmenter to ground truth (rgb, semseg) of ``train_dir``."""
+    from tqdm import tqdm
+
+    from fourm.data.loader import LoaderConfig, build_loader
+
+    torch.manual_seed(config.seed)
+    model = Segmenter(config.width)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    loader, _ = build_loader(train_dir, LoaderConfig(modalities=("rgb", "semseg"), batch_size=config.batch_size, shuffle=500, num_workers=1, seed=config.seed, repeat=True))
+    start, step = time.perf_counter(), 0
+    bar = tqdm(total=config.steps, desc="judge segmenter", disable=not progress)
+    for batch in loader:
+        if step >= config.steps or time.perf_counter() - start > 60 * config.max_minutes:
+            break
+        lr = config.lr * 0.5 * (1 + np.cos(np.pi * step / config.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+            logits = model(batch["rgb"].float() / 255.0)
+        # objects cover a few percent of the pixels: weight the classes by 1/sqrt(frequency)
+        target = batch["semseg"].long()
+        freq = torch.bincount(target.flatten(), minlength=len(CLASSES)).float() + 1.0
+        weight = freq.rsqrt() / freq.rsqrt().mean()
+        loss = F.cross_entropy(logits.float(), target, weight=weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    log.info("judge segmenter: %d steps in %.0f s, last loss %.3f", step, time.perf_counter() - start, loss.item())
+    return model.eval()
+
+
+def save_segmenter(model: Segmenter, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"width": str(model.head.in_channels)})
+
+
+def load_segmenter(path: str | Path) -> Segmenter:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        width = int(f.metadata()["width"])
+    model = Segmenter(width)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def color_name(pixels: np.ndarray) -> str:
+    """The palette colour whose direction in RGB is nearest the pixels' median (N, 3)."""
+    c = np.median(pixels.astype(np.float64), axis=0)
+    c = c / (np.linalg.norm(c) + 1e-9)
+    p = _PALETTE / np.linalg.norm(_PALETTE, axis=1, keepdims=True)
+    return _PALETTE_NAMES[int(np.argmax(p @ c))]
+
+
+def find_objects(rgb: np.ndarray, seg: np.ndarray, min_pixels: int = 8) -> list[dict]:
+    """Objects in a segmentation: rgb (H, W, 3) uint8, seg (H, W) class ids ->
+    [{"shape", "color", "cx", "bottom", "pixels"}]: connected regions of each shape class;
+    regions under ``min_pixels`` are noise."""
+    from scipy import ndimage
+
+    found = []
+    for k, shape in enumerate(SHAPES):
+        labels, n = ndimage.label(seg == _FIRST_SHAPE_CLASS + k)
+        for i in range(1, n + 1):
+            ys, xs = np.nonzero(labels == i)
+            if len(ys) < min_pixels:
+                continue
+            found.append({"shape": shape, "color": color_name(rgb[ys, xs]), "cx": float(xs.mean()), "bottom": float(ys.max()), "pixels": int(len(ys))})
+    return found
+
+
+def _holds(rel: str, a: dict, b: dict) -> bool:
+    if rel == "left":
+        return a["cx"] < b["cx"]
+    if rel == "right":
+        return a["cx"] > b["cx"]
+    if rel == "front":
+        return a["bottom"] > b["bottom"]
+    return a["bottom"] < b["bottom"]  # behind
+
+
+def judge(caption: str, found: list[dict]) -> dict[str, bool]:
+    """Score one generated image's ``found`` objects against its prompt ``caption``."""
+    parsed = parse_caption(caption)
+    named = Counter((o.color, o.shape) for o in parsed.objects)
+    seen = Counter((o["color"], o["shape"]) for o in found)
+    objects_ok = all(seen[k] >= v for k, v in named.items())
+    count_ok = len(found) == len(parsed.objects)
+    relations_ok = True
+    for a, rel, b in parsed.relations:
+        oa, ob = parsed.objects[a], parsed.objects[b]
+        ca = [f for f in found if (f["color"], f["shape"]) == (oa.color, oa.shape)]
+        cb = [f for f in found if (f["color"], f["shape"]) == (ob.color, ob.shape)]
+        # the relation holds for some choice of the two objects (names can repeat)
+        if not any(_holds(rel, x, y) for x in ca for y in cb if x is not y):
+            relations_ok = False
+    return {"objects": objects_ok, "count": count_ok, "relations": relations_ok, "correct": objects_ok and count_ok and relations_ok}
+
+
+def judge_images(segmenter: Segmenter, images: torch.Tensor, captions: list[str], min_pixels: int = 8) -> list[dict[str, bool]]:
+    """images (B, 3, H, W) uint8 and their prompts -> one verdict per image."""
+    seg = segmenter.segment(images).numpy()
+    hwc = images.permute(0, 2, 3, 1).numpy()
+    return [judge(c, find_objects(hwc[i], seg[i], min_pixels)) for i, c in enumerate(captions)]
+
+
+def summarize(verdicts: list[dict[str, bool]]) -> dict[str, float]:
+    """Share of images passing each check; ``accuracy`` is the GenEval-style all-checks score."""
+    n = max(len(verdicts), 1)
+    return {"accuracy": sum(v["correct"] for v in verdicts) / n, "objects": sum(v["objects"] for v in verdicts) / n, "count": sum(v["count"] for v in verdicts) / n, "relations": sum(v["relations"] for v in verdicts) / n, "images": len(verdicts)}

@@ -1,0 +1,199 @@
+"""The evaluation suite: every direction on held-out scenes, each read against its floor and ceiling.
+
+    evaluate(model, tokenizers, val_dir, train_dir=..., judge=...) -> dict
+
+Directions (generated with the sampling API, one target at a time): rgb -> depth (AbsRel, RMSE,
+δ1..3 in metres via the depth tokenizer's decode), rgb -> semseg (mIoU, pixel accuracy), rgb ->
+boxes (COCO mAP, mAP@0.5 by pycocotools; categories are the shapes), rgb -> caption (precision,
+recall and F1 of the (colour, shape) objects named, against ``scene.json``), caption -> rgb
+(GenEval-style compositional accuracy by ``judge.py``).
+
+Ceilings: the tokenizers alone (encode -> decode of the ground truth), and the judge on the true
+images. Floors: per-pixel mean depth and per-pixel majority class of the training split, no boxes,
+the training split's most common object as the caption, and the judge on true images of *other*
+scenes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fourm.data.loader import LoaderConfig, build_loader
+from fourm.data.synth.scene import SHAPES
+from fourm.eval.captions import object_counts, object_match, precision_recall_f1, scene_object_counts
+from fourm.eval.detection import coco_map
+from fourm.eval.judge import JudgeConfig, Segmenter, judge_images, summarize
+from fourm.eval.metrics import depth_metrics, miou_from_confusion, psnr, segmentation_confusion
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("rgb_to_depth", "rgb_to_semseg", "rgb_to_boxes", "rgb_to_caption", "caption_to_rgb")
+
+
+@dataclass
+class EvalConfig:
+    scenes: int = 64  # held-out scenes evaluated (the first ones, in shard order)
+    batch_size: int = 16
+    steps: int = 8  # MaskGIT steps per image target
+    max_len: int = 96  # caption / boxes tokens
+    rgb_temperature: float = 1.0  # caption -> rgb is sampled; the other directions are greedy
+    rgb_top_k: int = 50
+    rgb_cfg: float = 2.0
+    baseline_scenes: int = 2000  # training scenes for the mean-depth / majority-class floors
+    seed: int = 0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("scenes", "batch_size", "steps", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _held_out(val_dir: str | Path, config: EvalConfig) -> dict:
+    """The first ``config.scenes`` held-out samples, collated (lists for boxes/captions/scenes)."""
+    loader, _ = build_loader(val_dir, LoaderConfig(modalities=("rgb", "depth", "semseg", "boxes", "caption"), optional=("scene",), batch_size=config.scenes, shuffle=0, num_workers=0))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ValueError(f"{val_dir}: no readable samples")
+    return batch
+
+
+def training_floors(train_dir: str | Path, num_classes: int, scenes: int) -> dict:
+    """Per-pixel mean depth (1, H, W), per-pixel majority class (H, W) and the most common
+    (colour, shape) object in captions, over the first ``scenes`` training samples."""
+    loader, _ = build_loader(train_dir, LoaderConfig(modalities=("depth", "semseg", "caption"), batch_size=256, shuffle=0, num_workers=0))
+    depth_sum, counts, n, objects = None, None, 0, Counter()
+    for batch in loader:
+        d, s = batch["depth"].double(), batch["semseg"].long()
+        depth_sum = d.sum(0) if depth_sum is None else depth_sum + d.sum(0)
+        onehot = torch.nn.functional.one_hot(s, num_classes).sum(0)  # (H, W, K)
+        counts = onehot if counts is None else counts + onehot
+        for c in batch["caption"]:
+            objects.update(object_counts(c))
+        n += len(batch["caption"])
+        if n >= scenes:
+            break
+    top = objects.most_common(1)[0][0] if objects else ("gray", "cube")
+    return {"mean_depth": (depth_sum / n).float(), "majority": counts.argmax(-1), "common_object": top, "scenes": n}
+
+
+def _caption_scores(preds: list[str], scenes: list, captions: list[str]) -> dict:
+    tp = n_pred = n_true = 0
+    for pred, scene, true_caption in zip(preds, scenes, captions):
+        truth = scene_object_counts(scene) if scene is not None else object_counts(true_caption)
+        a, b, c = object_match(object_counts(pred), truth)
+        tp, n_pred, n_true = tp + a, n_pred + b, n_true + c
+    return precision_recall_f1(tp, n_pred, n_true)
+
+
+def _depth(pred: torch.Tensor, true: torch.Tensor) -> dict:
+    return depth_metrics(pred.reshape(true.shape), true)
+
+
+def _semseg(pred: torch.Tensor, true: torch.Tensor, k: int) -> dict:
+    m = miou_from_confusion(segmentation_confusion(pred.reshape(true.shape), true, k))
+    return {"miou": m["miou"], "pixel_acc": m["pixel_acc"]}
+
+
+def _boxes(pred: list[list[dict]], true: list[list[dict]]) -> dict:
+    m = coco_map(pred, true, SHAPES)
+    return {"map": m["map"], "map50": m["map50"], "map75": m["map75"], "predicted_boxes": m["predicted_boxes"], "true_boxes": m["true_boxes"]}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None = None, train_dir: str | Path | None = None, judge: Segmenter | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """Every figure of the suite; ``train_dir`` enables the floors, ``judge`` caption -> rgb.
+
+    Returns (report: JSON-ready figures, {"inputs": the held-out batch, "predictions": per target
+    the decoded outputs}) so that callers can draw them."""
+    from fourm.generation.api import GenerationConfig, generate
+
+    config = config or EvalConfig()
+    start = time.perf_counter()
+    data = _held_out(val_dir, config)
+    n = len(data["caption"])
+    k = tokenizers.images["semseg"].config.num_classes
+    greedy = GenerationConfig(temperature=0.0, steps=config.steps, max_len=config.max_len, seed=config.seed)
+    sampled = GenerationConfig(temperature=config.rgb_temperature, top_k=config.rgb_top_k, cfg_scale=config.rgb_cfg, steps=config.steps, seed=config.seed)
+    out = {t: [] for t in ("depth", "semseg", "boxes", "caption", "rgb")}
+    batches = range(0, n, config.batch_size)
+    for i in tqdm(batches, desc="evaluate", disable=not progress):
+        sl = slice(i, i + config.batch_size)
+        for target in ("depth", "semseg", "boxes", "caption"):
+            out[target] += generate(model, tokenizers, {"rgb": data["rgb"][sl]}, [target], greedy).outputs[target]
+        out["rgb"] += generate(model, tokenizers, {"caption": data["caption"][sl]}, ["rgb"], sampled).outputs["rgb"]
+    scenes = data.get("scene") or [None] * n
+    report: dict = {"scenes": n, "model": {}, "ceiling": {}, "floor": {}}
+    report["model"]["rgb_to_depth"] = _depth(torch.stack(out["depth"]), data["depth"])
+    report["model"]["rgb_to_semseg"] = _semseg(torch.stack(out["semseg"]), data["semseg"], k)
+    report["model"]["rgb_to_boxes"] = _boxes(out["boxes"], data["boxes"])
+    report["model"]["rgb_to_caption"] = _caption_scores(out["caption"], scenes, data["caption"])
+    # ceilings: the tokenizers alone
+    rt = {m: tokenizers.decode(m, tokenizers.encode(m, data[m], image_size=tuple(data["rgb"].shape[-2:])), image_size=tuple(data["rgb"].shape[-2:])) for m in ("depth", "semseg", "boxes", "caption", "rgb")}
+    report["ceiling"]["rgb_to_depth"] = _depth(torch.stack(rt["depth"]), data["depth"])
+    report["ceiling"]["rgb_to_semseg"] = _semseg(torch.stack(rt["semseg"]), data["semseg"], k)
+    report["ceiling"]["rgb_to_boxes"] = _boxes(rt["boxes"], data["boxes"])
+    report["ceiling"]["rgb_to_caption"] = _caption_scores(rt["caption"], scenes, data["caption"])
+    report["ceiling"]["rgb_tokenizer_psnr"] = float(psnr(torch.stack(rt["rgb"]).float(), data["rgb"].float()).mean())
+    report["floor"]["rgb_to_boxes"] = _boxes([[] for _ in range(n)], data["boxes"])
+    if train_dir is not None:
+        floors = training_floors(train_dir, k, config.baseline_scenes)
+        report["floor"]["rgb_to_depth"] = _depth(floors["mean_depth"].expand_as(data["depth"]).contiguous(), data["depth"])
+        report["floor"]["rgb_to_semseg"] = _semseg(floors["majority"].expand_as(data["semseg"]).contiguous(), data["semseg"], k)
+        color, shape = floors["common_object"]
+        report["floor"]["rgb_to_caption"] = _caption_scores([f"a {color} {shape}"] * n, scenes, data["caption"])
+        report["floor"]["training_scenes"] = floors["scenes"]
+    if judge is not None:
+        generated = torch.stack(out["rgb"]).clamp(0, 255).to(torch.uint8)
+        report["model"]["caption_to_rgb"] = summarize(judge_images(judge, generated, data["caption"], config.judge.min_pixels))
+        report["ceiling"]["caption_to_rgb"] = summarize(judge_images(judge, data["rgb"], data["caption"], config.judge.min_pixels))
+        report["floor"]["caption_to_rgb"] = summarize(judge_images(judge, data["rgb"].roll(1, 0), data["caption"], config.judge.min_pixels))
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    return report, {"inputs": data, "predictions": out}
+
+
+# the default demo's targets (issue 7): direction -> (metric, threshold); AbsRel also has to be at
+# most half the mean-depth floor's
+TARGETS = {"rgb_to_depth": ("delta1", 0.95), "rgb_to_semseg": ("miou", 0.75), "rgb_to_boxes": ("map50", 0.6), "rgb_to_caption": ("f1", 0.8), "caption_to_rgb": ("accuracy", 0.6)}
+SECONDARY = {"rgb_to_depth": "abs_rel", "rgb_to_semseg": "pixel_acc", "rgb_to_boxes": "map", "rgb_to_caption": "precision", "caption_to_rgb": "relations"}
+
+
+def check_targets(report: dict) -> dict:
+    """Per direction: the headline figure, its target and whether it is met (None: not measured)."""
+    out = {}
+    for direction, (metric, threshold) in TARGETS.items():
+        value = report["model"].get(direction, {}).get(metric)
+        met = None if value is None else value >= threshold
+        if direction == "rgb_to_depth" and value is not None:
+            floor = report["floor"].get("rgb_to_depth", {}).get("abs_rel")
+            if floor is not None:
+                met = met and report["model"][direction]["abs_rel"] <= 0.5 * floor
+        out[direction] = {"metric": metric, "value": value, "target": threshold, "met": met}
+    return out
+
+
+def markdown_report(report: dict) -> str:
+    """A table of every direction: floor, model, ceiling and target."""
+
+    def fmt(rec, key):
+        v = rec.get(key) if rec else None
+        return "-" if v is None else f"{v:.3f}"
+
+    targets = check_targets(report)
+    lines = ["| direction | metric | floor | model | ceiling | target | met |", "| --- | --- | ---: | ---: | ---: | ---: | :---: |"]
+    for direction in DIRECTIONS:
+        t = targets[direction]
+        for metric in (t["metric"], SECONDARY[direction]):
+            recs = [report[part].get(direction) for part in ("floor", "model", "ceiling")]
+            head = metric == t["metric"]
+            target = (f">= {t['target']}" if head else ("<= floor/2" if direction == "rgb_to_depth" else "")) if head or direction == "rgb_to_depth" else ""
+            met = {None: "-", True: "yes", False: "no"}[t["met"]] if head else ""
+            lines.append(f"| {direction.replace('_to_', ' → ')} | {metric} | {fmt(recs[0], metric)} | {fmt(recs[1], metric)} | {fmt(recs[2], metric)} | {target} | {met} |")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""The evaluation suite's parts against cases whose answer is known: caption parsing, COCO mAP,
+the caption -> rgb judge on rendered scenes (with their true segmentation), the floors."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from fourm.data.loader import LoaderConfig, build_loader
+from fourm.eval.captions import object_counts, object_match, parse_caption, precision_recall_f1, scene_object_counts
+from fourm.eval.detection import coco_map
+from fourm.data.synth.scene import COLORS
+from fourm.eval.judge import color_name, find_objects, judge, summarize
+from fourm.eval.suite import check_targets, markdown_report, training_floors
+
+
+def test_parse_caption_objects_and_relations():
+    p = parse_caption("there is a large red sphere to the left of a small blue cube, and a small gray cylinder behind the red sphere")
+    assert [(o.color, o.shape, o.size) for o in p.objects] == [("red", "sphere", "large"), ("blue", "cube", "small"), ("gray", "cylinder", "small")]
+    assert p.relations == [(0, "left", 1), (2, "behind", 0)]
+    assert object_counts("a small cyan cube stands alone") == Counter({("cyan", "cube"): 1})
+    assert object_counts("nothing to see") == Counter()
+
+
+def test_object_precision_recall():
+    tp, n_pred, n_true = object_match(Counter({("red", "cube"): 2, ("blue", "sphere"): 1}), Counter({("red", "cube"): 1, ("gray", "cylinder"): 1}))
+    assert (tp, n_pred, n_true) == (1, 3, 2)
+    s = precision_recall_f1(tp, n_pred, n_true)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(0.5) and s["f1"] == pytest.approx(0.4)
+    assert scene_object_counts({"objects": [{"color": "red", "shape": "cube", "visible_pixels": 10}, {"color": "red", "shape": "cube", "visible_pixels": 0}]}) == Counter({("red", "cube"): 1})
+
+
+def test_coco_map_hand_cases():
+    truth = [[{"bbox": [0, 0, 10, 10], "label": "large red cube"}], [{"bbox": [20, 20, 40, 40], "label": "small blue sphere"}]]
+    perfect = coco_map(truth, truth, ("sphere", "cube", "cylinder"))
+    assert perfect["map"] == pytest.approx(1.0) and perfect["map50"] == pytest.approx(1.0)
+    # right boxes, wrong class on one image: half the categories found -> AP 1 for cube, 0 for sphere
+    wrong = [truth[0], [{"bbox": [20, 20, 40, 40], "label": "small blue cube"}]]
+    assert coco_map(wrong, truth, ("sphere", "cube", "cylinder"))["map50"] == pytest.approx(0.5, abs=0.01)
+    # a box with IoU 0.6 counts at 0.5 but not at 0.75
+    shifted = [[{"bbox": [0, 0, 10, 6], "label": "cube"}], truth[1]]
+    m = coco_map(shifted, truth, ("sphere", "cube", "cylinder"))
+    assert m["map50"] == pytest.approx(1.0) and m["map75"] == pytest.approx(0.5, abs=0.01)
+    assert coco_map([[], []], truth, ("sphere", "cube", "cylinder"))["map"] == 0.0
+    assert coco_map([[{"bbox": [0, 0, 1, 1], "label": "tree"}], []], truth, ("sphere", "cube", "cylinder"))["unlabelled"] == 1
+
+
+def test_color_names_survive_shading():
+    for name, rgb in COLORS.items():
+        shaded = (np.array(rgb, float)[None] * np.linspace(0.4, 1.0, 20)[:, None]).astype(np.uint8)
+        assert color_name(shaded) == name, name
+
+
+@pytest.fixture(scope="module")
+def scenes(synth_dir):
+    loader, _ = build_loader(synth_dir, LoaderConfig(modalities=("rgb", "semseg", "caption"), optional=("scene",), batch_size=64, shuffle=0, num_workers=0))
+    return next(iter(loader))
+
+
+def test_judge_on_true_images_with_true_segmentation(scenes):
+    """With the renderer's own segmentation the judge must pass most true (image, caption) pairs
+    (merged or tiny objects are its known misses) and fail most mismatched pairs."""
+    verdicts, shuffled = [], []
+    n = len(scenes["caption"])
+    for i in range(n):
+        rgb, seg = scenes["rgb"][i].permute(1, 2, 0).numpy(), scenes["semseg"][i].numpy()
+        found = find_objects(rgb, seg)
+        verdicts.append(judge(scenes["caption"][i], found))
+        shuffled.append(judge(scenes["caption"][(i + 1) % n], found))
+        truth = scene_object_counts(scenes["scene"][i])
+        assert sum((Counter((o["color"], o["shape"]) for o in found) - truth).values()) <= 1  # hardly any invented object
+    true_acc, shuffled_acc = summarize(verdicts)["accuracy"], summarize(shuffled)["accuracy"]
+    assert true_acc >= 0.6 and shuffled_acc <= 0.15, (true_acc, shuffled_acc)
+
+
+def test_judge_relations_and_counts():
+    a = {"shape": "cube", "color": "red", "cx": 10.0, "bottom": 30.0, "pixels": 50}
+    b = {"shape": "sphere", "color": "blue", "cx": 40.0, "bottom": 20.0, "pixels": 50}
+    assert judge("a red cube left of a blue sphere", [a, b])["correct"]
+    assert judge("a red cube in front of a blue sphere", [a, b])["correct"]
+    assert not judge("a red cube right of a blue sphere", [a, b])["relations"]
+    assert not judge("a red cube left of a blue sphere", [a, b, dict(a, cx=50.0)])["count"]
+    assert not judge("a green cube left of a blue sphere", [a, b])["objects"]
+
+
+def test_training_floors_and_target_table(synth_dir):
+    floors = training_floors(synth_dir, 5, scenes=1000)
+    loader, _ = build_loader(synth_dir, LoaderConfig(modalities=("depth", "semseg"), batch_size=1000, shuffle=0, num_workers=0))
+    batch = next(iter(loader))
+    torch.testing.assert_close(floors["mean_depth"], batch["depth"].double().mean(0).float())
+    counts = torch.nn.functional.one_hot(batch["semseg"].long(), 5).sum(0)
+    assert torch.equal(floors["majority"], counts.argmax(-1)) and floors["scenes"] == len(batch["depth"])
+    report = {"model": {"rgb_to_depth": {"delta1": 0.96, "abs_rel": 0.04}, "rgb_to_semseg": {"miou": 0.5}}, "floor": {"rgb_to_depth": {"abs_rel": 0.1}}, "ceiling": {}}
+    t = check_targets(report)
+    assert t["rgb_to_depth"]["met"] is True and t["rgb_to_semseg"]["met"] is False and t["rgb_to_boxes"]["met"] is None
+    report["model"]["rgb_to_depth"]["abs_rel"] = 0.06  # more than half the floor's
+    assert check_targets(report)["rgb_to_depth"]["met"] is False
+    assert "| rgb → semseg | miou | - | 0.500 | - | >= 0.75 | no |" in markdown_report(report)
