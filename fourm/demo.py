@@ -47,14 +47,14 @@ class DemoDataConfig:
 
 @dataclass
 class DemoTokenizerConfig:
-    minutes: float = 4.0  # per image tokenizer
+    minutes: float = 3.5  # per image tokenizer
     max_steps: int = 3000
     overrides: list[str] = field(default_factory=list)  # --set style, applied to every image tokenizer
 
 
 @dataclass
 class DemoTrainConfig:
-    minutes: float = 12.0
+    minutes: float = 11.5
     max_steps: int = 5000
     overrides: list[str] = field(default_factory=list)
 
@@ -63,7 +63,7 @@ class DemoTrainConfig:
 class DemoEvalConfig:
     scenes: int = 64  # held-out scenes in the evaluation suite
     steps: int = 8  # MaskGIT steps per image target
-    judge_minutes: float = 2.5  # the caption -> rgb judge's segmenter (trained once, then reused)
+    judge_minutes: float = 2.0  # the caption -> rgb judge's segmenter (trained once, then reused)
     judge_steps: int = 800
 
 

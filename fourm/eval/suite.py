@@ -47,6 +47,7 @@ class EvalConfig:
     rgb_top_k: int = 50
     rgb_cfg: float = 2.0
     baseline_scenes: int = 2000  # training scenes for the mean-depth / majority-class floors
+    directions: tuple[str, ...] = DIRECTIONS  # a subset skips the others (e.g. a specialist)
     seed: int = 0
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
@@ -54,6 +55,9 @@ class EvalConfig:
         for name in ("scenes", "batch_size", "steps", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = set(self.directions) - set(DIRECTIONS)
+        if unknown:
+            raise ValueError(f"unknown direction(s) {sorted(unknown)}; known: {', '.join(DIRECTIONS)}")
 
 
 def _held_out(val_dir: str | Path, config: EvalConfig) -> dict:
@@ -122,19 +126,25 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
     k = tokenizers.images["semseg"].config.num_classes
     greedy = GenerationConfig(temperature=0.0, steps=config.steps, max_len=config.max_len, seed=config.seed)
     sampled = GenerationConfig(temperature=config.rgb_temperature, top_k=config.rgb_top_k, cfg_scale=config.rgb_cfg, steps=config.steps, seed=config.seed)
-    out = {t: [] for t in ("depth", "semseg", "boxes", "caption", "rgb")}
-    batches = range(0, n, config.batch_size)
-    for i in tqdm(batches, desc="evaluate", disable=not progress):
+    wanted = [d.split("_to_")[1] for d in config.directions]
+    out = {t: [] for t in wanted}
+    for i in tqdm(range(0, n, config.batch_size), desc="evaluate", disable=not progress):
         sl = slice(i, i + config.batch_size)
-        for target in ("depth", "semseg", "boxes", "caption"):
-            out[target] += generate(model, tokenizers, {"rgb": data["rgb"][sl]}, [target], greedy).outputs[target]
-        out["rgb"] += generate(model, tokenizers, {"caption": data["caption"][sl]}, ["rgb"], sampled).outputs["rgb"]
+        for target in wanted:
+            if target == "rgb":
+                out["rgb"] += generate(model, tokenizers, {"caption": data["caption"][sl]}, ["rgb"], sampled).outputs["rgb"]
+            else:
+                out[target] += generate(model, tokenizers, {"rgb": data["rgb"][sl]}, [target], greedy).outputs[target]
     scenes = data.get("scene") or [None] * n
     report: dict = {"scenes": n, "model": {}, "ceiling": {}, "floor": {}}
-    report["model"]["rgb_to_depth"] = _depth(torch.stack(out["depth"]), data["depth"])
-    report["model"]["rgb_to_semseg"] = _semseg(torch.stack(out["semseg"]), data["semseg"], k)
-    report["model"]["rgb_to_boxes"] = _boxes(out["boxes"], data["boxes"])
-    report["model"]["rgb_to_caption"] = _caption_scores(out["caption"], scenes, data["caption"])
+    if "depth" in out:
+        report["model"]["rgb_to_depth"] = _depth(torch.stack(out["depth"]), data["depth"])
+    if "semseg" in out:
+        report["model"]["rgb_to_semseg"] = _semseg(torch.stack(out["semseg"]), data["semseg"], k)
+    if "boxes" in out:
+        report["model"]["rgb_to_boxes"] = _boxes(out["boxes"], data["boxes"])
+    if "caption" in out:
+        report["model"]["rgb_to_caption"] = _caption_scores(out["caption"], scenes, data["caption"])
     # ceilings: the tokenizers alone
     rt = {m: tokenizers.decode(m, tokenizers.encode(m, data[m], image_size=tuple(data["rgb"].shape[-2:])), image_size=tuple(data["rgb"].shape[-2:])) for m in ("depth", "semseg", "boxes", "caption", "rgb")}
     report["ceiling"]["rgb_to_depth"] = _depth(torch.stack(rt["depth"]), data["depth"])
@@ -150,7 +160,7 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
         color, shape = floors["common_object"]
         report["floor"]["rgb_to_caption"] = _caption_scores([f"a {color} {shape}"] * n, scenes, data["caption"])
         report["floor"]["training_scenes"] = floors["scenes"]
-    if judge is not None:
+    if judge is not None and "rgb" in out:
         generated = torch.stack(out["rgb"]).clamp(0, 255).to(torch.uint8)
         report["model"]["caption_to_rgb"] = summarize(judge_images(judge, generated, data["caption"], config.judge.min_pixels))
         report["ceiling"]["caption_to_rgb"] = summarize(judge_images(judge, data["rgb"], data["caption"], config.judge.min_pixels))
