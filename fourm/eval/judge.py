@@ -36,14 +36,14 @@ class JudgeConfig:
     width: int = 32
     steps: int = 400
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
     max_minutes: float = 3.0
     min_pixels: int = 8  # smaller regions are noise, not objects
     seed: int = 0
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU())
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.GELU())
 
 
 class Segmenter(nn.Module):
@@ -93,7 +93,7 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
         # objects cover a few percent of the pixels: weight the classes by 1/sqrt(frequency)
         target = batch["semseg"].long()
         freq = torch.bincount(target.flatten(), minlength=len(CLASSES)).float() + 1.0
-        weight = freq.rsqrt() / freq.rsqrt().mean()
+        weight = (1.0 / freq) / (1.0 / freq).mean()
         loss = F.cross_entropy(logits.float(), target, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
