@@ -1,10 +1,17 @@
 #!/usr/bin/env python
 """Speed benchmarks, every figure side by side with its peer, in one run.
 
-    python eval/bench.py [--json OUT] [--repeats 3]
+    python eval/bench.py [--json OUT] [--repeats 3] [--tokens DIR] [--tokenizers DIR] [--sections ...] [--tiny]
 
-Sections so far: decoding (our KV-cache decode loop, eager and compiled, vs Hugging Face generate on
-the same weights in the same dtype, greedy, batch 1 and 8) and MaskGIT (ms per 64-token image).
+Sections: ``peak`` (a large bf16 and fp32 matmul: the ceiling MFU is read against); ``train``
+(decoder-only step vs ``transformers.LlamaForCausalLM`` of the identical shape on the same batch,
+bf16 autocast both; the encoder-decoder step with the 4M objective and with plain next-token);
+``data`` (the token-shard reader's samples/s vs the training step's consumption; image tokenizer
+encode rates); ``zero3`` (parameter bytes per rank under DeepSpeed ZeRO-3 with 1 and 2 CPU ranks);
+``decoding`` (KV-cache decoding, eager and compiled, vs HF ``generate`` on the same
+weights in the same dtype, greedy, batch 1 and 8; MaskGIT ms per image). Token shards: ``--tokens``
+(e.g. the demo's ``runs/demo/tokens/train``) or a small set rendered and pretokenized on the spot
+with an untrained tokenizer set. ``--tiny`` shrinks every size (for the test suite).
 """
 
 from __future__ import annotations
@@ -12,33 +19,91 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 
-from fourm.cli import ArgumentParser, markdown_table, positive_int, run, setup_logging, write_json
-from fourm.eval.speed import decoding_vs_hf, maskgit_images_per_s
+from fourm.cli import ArgumentParser, UsageError, markdown_table, positive_int, run, setup_logging, write_json
 
 log = logging.getLogger("bench")
+SECTIONS = ("peak", "train", "data", "zero3", "decoding")
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None)
     p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--tokens", default=None, help="token shards for the training and data sections")
+    p.add_argument("--tokenizers", default=None, help="tokenizer set for the encode rates (default: the one the token shards were made with)")
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--tiny", action="store_true", help="small sizes, for tests")
     args = p.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or not sections:
+        raise UsageError(f"unknown section(s) {bad}; known: {', '.join(SECTIONS)}")
+    if args.tokens and not (Path(args.tokens) / "manifest.json").is_file():
+        raise UsageError(f"--tokens {args.tokens}: no manifest.json (pretokenized shards expected)")
     setup_logging()
     import torch
 
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "decoding": [], "maskgit": None}
-    for dtype, compile in (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)):
-        for b in (1, 8):
-            result["decoding"].append(decoding_vs_hf(b, repeats=args.repeats, dtype=dtype, compile=compile))
-    result["maskgit"] = maskgit_images_per_s(repeats=args.repeats)
-    rows = [[f"decoder_tiny {r['dtype']}, greedy, batch {r['batch']}, {r['new_tokens']} new tokens", "compiled" if r["compiled"] else "eager", f"{r['ours_tokens_per_s']:.0f}", f"{r['hf_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['first_call_s']:.1f}"] for r in result["decoding"]]
-    print(markdown_table(["decoding (tokens/s), both models in the same dtype", "fourm step", "fourm", "HF generate", "ratio", "fourm first call (s)"], rows))
-    m = result["maskgit"]
-    print(f"\nMaskGIT, encdec_tiny, batch {m['batch']}: {m['steps']} steps = {m['decoder_passes_per_image']} decoder passes per image, {m['ms_per_image']:.1f} ms per image ({m['images_per_s']:.1f} images/s)")
+    from fourm.eval import speed
+
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
+    r = args.repeats
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = Path(args.tokens) if args.tokens else None
+        if tokens is None and ("train" in sections or "data" in sections or "zero3" in sections):
+            tokens = speed.untrained_token_shards(Path(tmp), scenes=64 if args.tiny else 256)
+        if "peak" in sections or "train" in sections:
+            n = 512 if args.tiny else 4096
+            result["peak"] = {"bf16_tflops": speed.matmul_peak_tflops("bfloat16", n, r), "fp32_tflops": speed.matmul_peak_tflops("float32", n, r), "n": n}
+            log.info("matmul peak: %s", result["peak"])
+        if "train" in sections:
+            peak = result["peak"]["bf16_tflops"]
+            result["train_decoder_vs_hf"] = speed.training_vs_hf(tokens, peak, r, batch_size=4 if args.tiny else 16)
+            result["train_encdec"] = speed.training_encdec(tokens, peak, r, batch_size=4 if args.tiny else 32)
+        if "data" in sections:
+            result["loader_samples_per_s"] = speed.loader_samples_per_s(tokens, batches=3 if args.tiny else 30, batch_size=4 if args.tiny else 32)
+            tok_dir = Path(args.tokenizers) if args.tokenizers else speed.tokenizer_dir_of(tokens)
+            result["tokenizer_images_per_s"] = speed.tokenizer_images_per_s(tok_dir, batch=4 if args.tiny else 64, repeats=r)
+            if "train_encdec" in result:
+                result["loader_vs_training"] = result["loader_samples_per_s"] / result["train_encdec"]["4m"]["samples_per_s"]
+        if "zero3" in sections:
+            result["zero3"] = speed.zero3_parameter_memory(tokens, Path(tmp))
+        if "decoding" in sections:
+            result["decoding"] = []
+            combos = (("float32", False), ("bfloat16", True)) if args.tiny else (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True))
+            for dtype, compile in combos:
+                for b in (1, 8):
+                    result["decoding"].append(speed.decoding_vs_hf(b, new_tokens=16 if args.tiny else 64, repeats=r, dtype=dtype, compile=compile))
+            result["maskgit"] = speed.maskgit_images_per_s(batch=2 if args.tiny else 8, repeats=r)
+    print_tables(result)
     write_json(args.json, result)
     return 0
+
+
+def print_tables(result: dict) -> None:
+    if "peak" in result:
+        print(f"matmul peak ({result['peak']['n']}^3): bf16 {result['peak']['bf16_tflops']:.2f} TFLOP/s, fp32 {result['peak']['fp32_tflops']:.2f} TFLOP/s\n")
+    if "train_decoder_vs_hf" in result:
+        t = result["train_decoder_vs_hf"]
+        rows = [[f"decoder_tiny, batch {t['batch']} x {t['seq_len']}", f"{t['ours_tokens_per_s']:.0f}", f"{t['hf_tokens_per_s']:.0f}", f"{t['speedup']:.2f}x", f"{100 * t['ours_mfu']:.1f}% / {100 * t['hf_mfu']:.1f}%"]]
+        for name, e in result["train_encdec"].items():
+            rows.append([f"encdec_tiny, {name}, batch {e['batch']}", f"{e['tokens_per_s']:.0f}", "", "", f"{100 * e['mfu']:.1f}%"])
+        print(markdown_table(["training step, bf16 autocast (tokens/s)", "fourm", "HF Llama", "ratio", "MFU fourm / HF"], rows) + "\n")
+    if "loader_samples_per_s" in result:
+        ratio = result.get("loader_vs_training")
+        print(f"token-shard reader: {result['loader_samples_per_s']:.0f} samples/s" + (f" = {ratio:.1f}x the encdec training step's consumption" if ratio else ""))
+        print("tokenizer encode: " + ", ".join(f"{m} {v:.0f} images/s" for m, v in result["tokenizer_images_per_s"].items()) + "\n")
+    if "zero3" in result:
+        z = result["zero3"]
+        print(f"ZeRO-3 parameters per rank: 1 rank {z['one_rank_bytes'] / 2**20:.2f} MB; 2 ranks " + " / ".join(f"{b / 2**20:.2f}" for b in z["two_ranks_bytes"]) + f" MB ({z['ratio']:.2f} of one rank)\n")
+    if "decoding" in result:
+        rows = [[f"decoder_tiny {r['dtype']}, greedy, batch {r['batch']}, {r['new_tokens']} new tokens", "compiled" if r["compiled"] else "eager", f"{r['ours_tokens_per_s']:.0f}", f"{r['hf_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['first_call_s']:.1f}"] for r in result["decoding"]]
+        print(markdown_table(["decoding (tokens/s), both models in the same dtype", "fourm step", "fourm", "HF generate", "ratio", "fourm first call (s)"], rows))
+        m = result["maskgit"]
+        print(f"\nMaskGIT, encdec_tiny, batch {m['batch']}: {m['steps']} steps = {m['decoder_passes_per_image']} decoder passes per image, {m['ms_per_image']:.1f} ms per image ({m['images_per_s']:.1f} images/s)")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,27 @@ def test_kv_cache_decoding_equals_full_recomputation():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_causal_flag_equals_dense_causal_mask():
+    """mask=CAUSAL (SDPA's is_causal, no tensor) gives what a dense causal mask gives, with GQA
+    and on every backend; models use it when nothing is padded."""
+    from fourm.models.layers import CAUSAL
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    dense = causal_mask(7).expand(2, 1, 7, 7)
+    for backend in ("sdpa", "reference"):
+        torch.testing.assert_close(attention(q, k, v, CAUSAL, backend), attention(q, k, v, dense, "reference"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="causal"):
+        attention(q, k[:, :, :5], v[:, :, :5], CAUSAL)
+    model = tiny_decoder()
+    ids = torch.randint(4, VOCAB.size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(ids, attention_mask=torch.ones(2, 9, dtype=torch.long)).logits)
+        padded = torch.ones(2, 9, dtype=torch.long)
+        padded[1, :2] = 0  # left padding: row 0 must not change
+        torch.testing.assert_close(model(ids, attention_mask=padded).logits[0], model(ids).logits[0], atol=1e-5, rtol=1e-5)
+
+
 def test_growing_kv_cache_equals_full_recomputation():
     model = tiny_decoder()
     ids = torch.randint(4, VOCAB.size, (2, 7))

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -96,3 +98,169 @@ def maskgit_images_per_s(batch: int = 8, steps: int = 8, preset: str = "configs/
     seconds = _best(lambda: generate_ids(model, vocab, {"rgb": 8}, {"caption": caption}, ["rgb"], cfg), repeats)
     passes = calls["n"] // (repeats + 1)
     return {"batch": batch, "steps": steps, "decoder_passes_per_image": passes, "ms_per_image": 1000 * seconds / batch, "images_per_s": batch / seconds}
+
+
+# -- training, data and the machine's peak ---------------------------------------------------------
+def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 4096, repeats: int = 3) -> float:
+    """TFLOP/s of one large square matmul: the physical limit MFU is read against."""
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    return 2 * n**3 / _best(lambda: a @ b, repeats) / 1e12
+
+
+def untrained_token_shards(root: Path, scenes: int = 256) -> Path:
+    """Render ``scenes`` scenes and pretokenize them with a small untrained tokenizer set (for
+    benchmarks and tests that need token shards but not a trained tokenizer)."""
+    from fourm.data.loader import LoaderConfig, build_loader
+    from fourm.data.pretokenize import pretokenize
+    from fourm.data.synth.generate import generate_dataset
+    from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from fourm.tokenizers.text import TextTokenizer, TextTokenizerConfig
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    root = Path(root)
+    generate_dataset(root / "raw", scenes, res=64, seed=3, shard_size=max(1, scenes // 4), workers=1, progress=False)
+    loader, _ = build_loader(root / "raw", LoaderConfig(modalities=("caption", "boxes"), batch_size=scenes, shuffle=0, num_workers=0))
+    batch = next(iter(loader))
+    text = TextTokenizer.train(batch["caption"] + [b["label"] for boxes in batch["boxes"] for b in boxes], TextTokenizerConfig(min_frequency=1))
+    torch.manual_seed(0)
+    images = {m: ImageTokenizer(ImageTokenizerConfig(modality=m, channels=[8, 16, 16])).eval() for m in ("rgb", "depth", "semseg")}
+    TokenizerSet(text=text, images=images).save_pretrained(root / "tok")
+    pretokenize(root / "tok", root / "raw", root / "tokens", shard_size=max(1, scenes // 4), progress=False)
+    return root / "tokens"
+
+
+def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
+    """(TrainConfig, vocab, an endless batch iterator) over ``tokens_dir`` as the training loop reads it."""
+    from fourm.config import load_config
+    from fourm.modalities import MODALITIES
+    from fourm.training.data import DataSource, TokenStream, make_loader
+    from fourm.training.loop import TrainConfig
+
+    cfg = load_config(TrainConfig, train_config, overrides)
+    cfg.data.sources = [DataSource(path=str(tokens_dir))]
+    manifest = json.loads((Path(tokens_dir) / "manifest.json").read_text())
+    vocab = SharedVocab(**{k: manifest["vocab"][k] for k in ("specials", "spaces", "modalities")})
+    grids = {m: int(g) for m, g in manifest.get("grids", {}).items()}
+    kinds = {m: MODALITIES[m].kind for m in vocab.modalities}
+    arch = cfg.model_spec()["arch"]
+    cfg.objective.validate(arch)
+    return cfg, vocab, iter(make_loader(TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective)))
+
+
+def _step_fn(model, batch: dict, shift: bool):
+    """One bf16-autocast training step (forward, loss, backward, AdamW) as the training loop does it."""
+    from fourm.training.loop import compute_loss
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_modality")}
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**inputs)
+        loss, _ = compute_loss(out.logits, batch["labels"], batch["label_modality"], shift, "token_mean", 0.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _flops(fn) -> float:
+    """Matmul/attention FLOPs of one call (forward and backward), by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch_size: int = 16, overrides: tuple = ("qk_norm=none",)) -> dict:
+    """Decoder-only training step, ours vs ``transformers.LlamaForCausalLM`` of the identical shape
+    (the same weights through the Llama export), same batch, bf16 autocast both: tokens/s, MFU."""
+    from fourm.models.hf import to_hf
+
+    cfg, vocab, data = _stream(tokens_dir, "configs/train/tiny_decoder.yaml", [f"data.batch_size={batch_size}", "data.num_workers=0"])
+    batch = next(data)
+    torch.manual_seed(0)
+    model = build_model(cfg.model_spec(), vocab=vocab, overrides=list(overrides)).train()
+    hf = to_hf(model).train()
+    hf_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+    def hf_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = hf(**hf_batch).loss
+        loss.backward()
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    ours_step = _step_fn(model, batch, shift=True)
+    ours, theirs = _best_interleaved([ours_step, hf_step], repeats)
+    n = int(batch["attention_mask"].sum())
+    flops = _flops(ours_step)
+    return {"batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": n, "ours_tokens_per_s": n / ours, "hf_tokens_per_s": n / theirs, "speedup": theirs / ours, "ours_mfu": flops / ours / (peak_tflops * 1e12), "hf_mfu": _flops(hf_step) / theirs / (peak_tflops * 1e12)}
+
+
+def training_encdec(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch_size: int = 32) -> dict:
+    """Encoder-decoder training step with the 4M objective, and the same model with plain
+    next-token (no condition: every modality a target) for reference: tokens/s, MFU."""
+    out = {}
+    for name, objective in (("4m", "{4m: 1.0}"), ("next_token", "{next_token: 1.0}")):
+        cfg, vocab, data = _stream(tokens_dir, "configs/train/tiny_encdec.yaml", [f"data.batch_size={batch_size}", "data.num_workers=0", f"objective.weights={objective}"])
+        batch = next(data)
+        torch.manual_seed(0)
+        model = build_model(cfg.model_spec(), vocab=vocab).train()
+        step = _step_fn(model, batch, shift=False)
+        seconds = _best(step, repeats)
+        n = int(batch["enc_valid"].sum() + batch["dec_valid"].sum())
+        out[name] = {"batch": batch_size, "tokens": n, "tokens_per_s": n / seconds, "mfu": _flops(step) / seconds / (peak_tflops * 1e12), "samples_per_s": batch_size / seconds}
+    return out
+
+
+def loader_samples_per_s(tokens_dir: Path, batches: int = 30, batch_size: int = 32, workers: int = 1) -> float:
+    """The training loop's token-shard reader (decode + objective + collate), samples/s."""
+    _, _, data = _stream(tokens_dir, "configs/train/tiny_encdec.yaml", [f"data.batch_size={batch_size}", f"data.num_workers={workers}"])
+    next(data)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(data)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def tokenizer_images_per_s(tokenizer_dir: Path, batch: int = 64, repeats: int = 3) -> dict:
+    """Encode rate of each image tokenizer of a set (uint8/float inputs of its resolution)."""
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    tok = TokenizerSet.from_pretrained(tokenizer_dir)
+    r = tok.resolution
+    inputs = {"rgb": torch.randint(0, 256, (batch, 3, r, r), dtype=torch.uint8), "depth": torch.rand(batch, 1, r, r) * 20 + 1, "semseg": torch.randint(0, 5, (batch, r, r))}
+    with torch.no_grad():
+        return {m: batch / _best(lambda m=m: tok.encode(m, inputs[m]), repeats) for m in tok.images}
+
+
+def tokenizer_dir_of(tokens_dir: Path) -> Path:
+    """The tokenizer set a token-shard directory was made with (its manifest records it)."""
+    manifest = json.loads((Path(tokens_dir) / "manifest.json").read_text())
+    return Path(manifest["tokenizers"])
+
+
+def zero3_parameter_memory(tokens_dir: Path, work: Path, timeout: float = 600) -> dict:
+    """Parameter bytes per rank under DeepSpeed ZeRO-3 (gloo, ``DS_ACCELERATOR=cpu``) with 1 and
+    2 ranks: one training step of the tiny encoder-decoder through ``launch/train.py``."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = {}
+    for n in (1, 2):
+        run_dir = Path(work) / f"zero3_{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29400 + os.getpid() % 500 + n), str(repo / "launch" / "train.py"),
+               "--config", str(repo / "configs" / "train" / "tiny_encdec.yaml"), "--data", str(tokens_dir), "--out", str(run_dir), "--max-steps", "1",
+               "--deepspeed", str(repo / "configs" / "deepspeed" / "zero3.json"), "--set", "data.num_workers=0", "--set", "data.batch_size=2", "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=repo)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ZeRO-3 run with {n} rank(s) failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        out[n] = json.loads((run_dir / "summary.json").read_text())["parameter_bytes_per_rank"]
+    return {"one_rank_bytes": out[1][0], "two_ranks_bytes": out[2], "ratio": max(out[2]) / out[1][0]}

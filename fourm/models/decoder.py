@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import Block, KVCache, RMSNorm, output_logits, rope_cos_sin, z_loss
+from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, output_logits, rope_cos_sin, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -94,6 +94,8 @@ class DecoderLM(nn.Module, Pretrained):
             mask = prefix_lm_mask(prefix_len, t, attention_mask.bool() if attention_mask is not None else None)
         elif t == 1:  # one new token sees every cached one that is not padding
             mask = padding_mask(attention_mask) if attention_mask is not None else None
+        elif not past and (attention_mask is None or bool(attention_mask.all())):
+            mask = CAUSAL  # no padding: SDPA's is_causal, no (B, 1, T, T) tensor
         else:
             mask = causal_mask(t, s, device=input_ids.device).expand(b, 1, t, s)
             if attention_mask is not None:

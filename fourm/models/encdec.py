@@ -74,7 +74,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim)."""
         x = self.embed(ids) + self.modality_embed(modality)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
-        mask = bidirectional_mask(valid)
+        mask = None if bool(valid.all()) else bidirectional_mask(valid)  # no padding: no mask tensor
         for block in self.encoder:
             x = block(x, cos, sin, mask)
         return self.enc_norm(x)
@@ -117,7 +117,7 @@ class EncoderDecoder(nn.Module, Pretrained):
             mask = causal_mask(t, past + t, device=ids.device).expand(ids.shape[0], 1, t, past + t)
         else:
             mask = modality_decoder_mask(modality, causal, valid)
-        cross_mask = padding_mask(enc_valid)
+        cross_mask = None if bool(enc_valid.all()) else padding_mask(enc_valid)
         kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out)
         for i, block in enumerate(self.decoder):
             x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask)

@@ -88,18 +88,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -- attention -----------------------------------------------------------------------------------
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend: str = "sdpa") -> torch.Tensor:
+CAUSAL = "causal"  # a mask value: lower-triangular over T == S keys, no padding (no tensor built)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None, backend: str = "sdpa") -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads.
 
     Args:
         q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv.
-        mask: (B, 1 or H, T, S) bool, True where attention is allowed; None for full attention.
+        mask: (B, 1 or H, T, S) bool, True where attention is allowed; None for full attention;
+            ``CAUSAL`` for a causal mask without padding (SDPA's ``is_causal``: no dense tensor).
         backend: ``sdpa`` (PyTorch), ``reference`` (plain matmul/softmax, for tests) or
             ``xformers`` (CUDA only; falls back to an error elsewhere).
     Returns:
         (B, H, T, D).
     """
     h, hkv = q.shape[1], k.shape[1]
+    causal = isinstance(mask, str)
+    if causal:
+        if mask != CAUSAL or q.shape[2] != k.shape[2]:
+            raise ValueError(f"mask {mask!r}: only {CAUSAL!r} over as many keys as queries")
+        mask = None if backend == "sdpa" else torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
     if h != hkv:
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
@@ -108,7 +117,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         # float32 at this shape (215 vs 56 us for batch 8, 90 keys), so attend in float32
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     if backend == "reference":
         scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
         if mask is not None:

@@ -99,6 +99,10 @@ class Engine:
             self.runnable = runnable
         self.zero_stage = int((deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0)) if kind == "deepspeed" else 0
 
+    def parameter_bytes(self) -> int:
+        """Bytes of model parameters this rank holds (its ZeRO-3 partition under stage 3)."""
+        return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in self.module.parameters())
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -151,6 +151,12 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     ds_cfg = load_deepspeed_config(deepspeed_config, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip) if deepspeed_config else None
     engine = Engine(model, optimizer, kind, bf16=cfg.bf16, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing, deepspeed_config=ds_cfg)
 
+    param_bytes = [engine.parameter_bytes()]
+    if dist.is_initialized():
+        param_bytes = [None] * world
+        dist.all_gather_object(param_bytes, engine.parameter_bytes())
+    if engine.is_main:
+        log.info("parameters per rank: %s MB", ", ".join(f"{b / 2**20:.1f}" for b in param_bytes))
     step, tokens, batches = 0, 0, 0
     if resume:
         latest = ckpt.latest_checkpoint(out)
@@ -244,7 +250,10 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         if board is not None:
             board.close()
     _save_final(engine, out, vocab, manifest)
-    return {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind}
+    summary = {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind, "parameter_bytes_per_rank": param_bytes}
+    if engine.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def _tensorboard(out: Path):
