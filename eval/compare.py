@@ -48,14 +48,13 @@ def main(argv=None) -> int:
         if not (demo / need).exists():
             raise UsageError(f"--demo {demo}: missing {demo / need} (run make demo first)")
     from fourm.config import load_config
-    from fourm.eval.judge import JudgeConfig, load_segmenter, train_segmenter
+    from fourm.eval.judge import JudgeConfig, load_or_train_segmenter
     from fourm.eval.suite import EvalConfig, evaluate
     from fourm.generation.files import open_model
     from fourm.training.data import DataSource
     from fourm.training.loop import TrainConfig, train
 
-    judge_path = demo / "judge" / "segmenter.safetensors"
-    judge = load_segmenter(judge_path) if judge_path.is_file() else train_segmenter(demo / "data" / "train", JudgeConfig())
+    judge = load_or_train_segmenter(demo / "judge" / "segmenter.safetensors", demo / "data" / "train", JudgeConfig())
     out = Path(args.out) if args.out else demo / "compare"
     results = {}
     for arm in arms:

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--judge-steps", type=positive_int, default=400)
     args = p.parse_args(argv)
     setup_logging()
-    from fourm.eval.judge import JudgeConfig, load_segmenter, save_segmenter, train_segmenter
+    from fourm.eval.judge import JudgeConfig, load_or_train_segmenter, train_segmenter
     from fourm.generation.files import open_model
 
     for flag, path in (("--data", args.data), ("--train-data", args.train_data)):
@@ -47,15 +47,12 @@ def main(argv=None) -> int:
         raise UsageError(str(exn)) from None
     config = EvalConfig(scenes=args.scenes, steps=args.steps, batch_size=args.batch_size, judge=JudgeConfig(steps=args.judge_steps))
     judge = None
-    if args.judge and Path(args.judge).is_file():
-        judge = load_segmenter(args.judge)
+    if args.judge:
+        judge = load_or_train_segmenter(args.judge, args.train_data, config.judge)
     elif args.train_data:
         judge = train_segmenter(args.train_data, config.judge)
-        if args.judge:
-            Path(args.judge).parent.mkdir(parents=True, exist_ok=True)
-            save_segmenter(judge, args.judge)
-    else:
-        log.warning("no --judge file and no --train-data: caption -> rgb is not judged")
+    if judge is None:
+        log.warning("no usable --judge file and no --train-data: caption -> rgb is not judged")
     report, _ = evaluate(model, tokenizers, args.data, config, train_dir=args.train_data, judge=judge)
     report["targets"] = check_targets(report)
     write_json(args.json, report)

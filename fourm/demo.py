@@ -307,7 +307,7 @@ def stage_train(config: DemoConfig, out: Path) -> dict:
 def stage_evaluate(config: DemoConfig, out: Path) -> dict:
     """The evaluation suite (``fourm.eval.suite``) on held-out scenes, with the floors from the
     training split and the caption -> rgb judge (trained into ``out/judge`` once, then reused)."""
-    from fourm.eval.judge import JudgeConfig, load_segmenter, save_segmenter, train_segmenter
+    from fourm.eval.judge import JudgeConfig, load_or_train_segmenter
     from fourm.eval.suite import EvalConfig, check_targets, evaluate
     from fourm.generation.files import open_model
 
@@ -319,12 +319,7 @@ def stage_evaluate(config: DemoConfig, out: Path) -> dict:
             return {**previous, "reused": True}
     judge_path = out / "judge" / "segmenter.safetensors"
     jcfg = JudgeConfig(steps=config.eval.judge_steps, max_minutes=config.eval.judge_minutes)
-    if judge_path.is_file():
-        judge = load_segmenter(judge_path)
-    else:
-        judge = train_segmenter(out / "data" / "train", jcfg)
-        judge_path.parent.mkdir(parents=True, exist_ok=True)
-        save_segmenter(judge, judge_path)
+    judge = load_or_train_segmenter(judge_path, out / "data" / "train", jcfg)
     model, tok = open_model(out / "model", out / "tokenizers")
     report, _ = evaluate(model, tok, out / "data" / "val", EvalConfig(scenes=config.eval.scenes, steps=config.eval.steps, judge=jcfg), train_dir=out / "data" / "train", judge=judge)
     report.update(targets=check_targets(report), judge=str(judge_path), model_mtime_ns=stamp, reused=False)

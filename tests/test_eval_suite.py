@@ -99,3 +99,20 @@ def test_training_floors_and_target_table(synth_dir):
     report["model"]["rgb_to_depth"]["abs_rel"] = 0.06  # more than half the floor's
     assert check_targets(report)["rgb_to_depth"]["met"] is False
     assert "| rgb → semseg | miou | - | 0.500 | - | >= 0.75 | no |" in markdown_report(report)
+
+
+def test_judge_segmenter_save_load_and_foreign_files(tmp_path, synth_dir):
+    from safetensors.torch import save_file
+
+    from fourm.eval.judge import JudgeConfig, Segmenter, load_or_train_segmenter, load_segmenter, save_segmenter
+
+    model = Segmenter(8).eval()
+    save_segmenter(model, tmp_path / "j.safetensors")
+    rgb = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert torch.equal(load_segmenter(tmp_path / "j.safetensors").segment(rgb), model.segment(rgb))
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "old.safetensors"))
+    with pytest.raises(ValueError, match="another format"):
+        load_segmenter(tmp_path / "old.safetensors")
+    assert load_or_train_segmenter(tmp_path / "old.safetensors", None, JudgeConfig()) is None
+    retrained = load_or_train_segmenter(tmp_path / "old.safetensors", synth_dir, JudgeConfig(steps=2, batch_size=4, width=8))
+    assert isinstance(retrained, Segmenter) and isinstance(load_segmenter(tmp_path / "old.safetensors"), Segmenter)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
 _PALETTE_NAMES = list(COLORS)
 _FIRST_SHAPE_CLASS = CLASSES.index(SHAPES[0])
+JUDGE_FORMAT = "fourm-judge-unet-bn/1"  # in the file's metadata; another value is not loadable
 
 
 @dataclass
@@ -109,18 +110,38 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
 def save_segmenter(model: Segmenter, path: str | Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"width": str(model.head.in_channels)})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"format": JUDGE_FORMAT, "width": str(model.head.in_channels)})
 
 
 def load_segmenter(path: str | Path) -> Segmenter:
+    """A saved judge segmenter; ValueError when the file is of another format (retrain it)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
-        width = int(f.metadata()["width"])
-    model = Segmenter(width)
+        meta = f.metadata() or {}
+    if meta.get("format") != JUDGE_FORMAT:
+        raise ValueError(f"{path}: a judge segmenter of another format ({meta.get('format', 'unknown')}, expected {JUDGE_FORMAT})")
+    model = Segmenter(int(meta["width"]))
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+def load_or_train_segmenter(path: str | Path, train_dir: str | Path | None, config: JudgeConfig) -> Segmenter | None:
+    """The judge at ``path`` if it is there and loadable, else one trained on ``train_dir`` and
+    saved to ``path``; None when neither is possible."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return load_segmenter(path)
+        except ValueError as exn:
+            log.warning("%s; training a new one", exn)
+    if train_dir is None:
+        return None
+    model = train_segmenter(train_dir, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_segmenter(model, path)
+    return model
 
 
 def color_name(pixels: np.ndarray) -> str:
