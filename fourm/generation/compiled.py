@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 
 _compiled = None
 _frozen_versions: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, ...]]" = weakref.WeakKeyDictionary()
-_failed = False
 status = {"compiled_steps": 0, "recompiles_for_new_weights": 0, "failed": False}  # what happened, for tests and logs
 
 
@@ -35,8 +34,8 @@ def _versions(model) -> tuple[int, ...]:
 def compiled_decode_step(model, *args) -> torch.Tensor:
     """``decode_step`` through ``torch.compile``; falls back to eager (with a warning) where
     Inductor cannot compile (for example no C++ compiler)."""
-    global _compiled, _failed
-    if _failed:
+    global _compiled
+    if status["failed"]:
         return decode_step(model, *args)
     import torch._dynamo
     import torch._inductor.config as inductor_config
@@ -56,6 +55,6 @@ def compiled_decode_step(model, *args) -> torch.Tensor:
         status["compiled_steps"] += 1
         return out
     except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly instead
-        _failed = status["failed"] = True
+        status["failed"] = True
         log.warning("torch.compile failed (%s: %s); decoding without compiling", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return decode_step(model, *args)

@@ -82,29 +82,23 @@ class DecoderLM(nn.Module, Pretrained):
         """
         b, t = input_ids.shape
         if cache_position is not None:
-            return self._static_forward(input_ids, positions, attention_mask, past_key_values, cache_position, logits_to_keep, logits_span)
-        past = past_key_values[0].length if past_key_values else 0
-        if positions is None:
-            positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
-        cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
-        s = past + t
-        if prefix_len is not None:
-            if past:
-                raise ValueError("prefix_len applies to a full forward, not to cached decoding")
-            mask = prefix_lm_mask(prefix_len, t, attention_mask.bool() if attention_mask is not None else None)
-        elif t == 1:  # one new token sees every cached one that is not padding
-            mask = padding_mask(attention_mask) if attention_mask is not None else None
-        elif not past and (attention_mask is None or bool(attention_mask.all())):
-            mask = CAUSAL  # no padding: SDPA's is_causal, no (B, 1, T, T) tensor
+            if not past_key_values or not past_key_values[0].static:
+                raise ValueError("cache_position needs static caches: model.new_cache(capacity, static=True)")
+            if positions is None:
+                positions = cache_position[None].expand(b, t)
+            mask = _static_mask(cache_position, past_key_values[0].capacity, attention_mask)
         else:
-            mask = causal_mask(t, s, device=input_ids.device).expand(b, 1, t, s)
-            if attention_mask is not None:
-                mask = mask & padding_mask(attention_mask)
-                mask = mask | torch.eye(t, s, dtype=torch.bool, device=mask.device).roll(past, 1)[None, None]
+            past = past_key_values[0].length if past_key_values else 0
+            if positions is None:
+                positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
+            mask = _mask(b, t, past, attention_mask, prefix_len, input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
-        logits = self._logits(x, logits_to_keep, logits_span)
+            x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None, cache_position=cache_position)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = output_logits(self.lm_head, self.norm(x), logits_span)
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float()
@@ -113,28 +107,33 @@ class DecoderLM(nn.Module, Pretrained):
                 loss = loss + z_loss(shifted[labels[:, 1:] != IGNORE_INDEX], self.config.z_loss)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
 
-    def _logits(self, x: torch.Tensor, logits_to_keep: int, logits_span) -> torch.Tensor:
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return output_logits(self.lm_head, self.norm(x), logits_span)
 
-    def _static_forward(self, input_ids, positions, attention_mask, caches, cache_position, logits_to_keep, logits_span) -> CausalLMOutput:
-        """Inference over static caches: fixed shapes whatever the step, so it compiles once."""
-        if not caches or not caches[0].static:
-            raise ValueError("cache_position needs static caches: model.new_cache(capacity, static=True)")
-        b, t = input_ids.shape
-        s = caches[0].capacity
-        if positions is None:
-            positions = cache_position[None].expand(b, t)
-        cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
-        slots = torch.arange(s, device=input_ids.device)[None, :]
-        mask = (slots <= cache_position[:, None])[None, None]  # (1, 1, T, S)
-        if attention_mask is not None:  # padding hidden; each token still sees itself (no empty row)
-            mask = (mask & padding_mask(attention_mask)) | (slots == cache_position[:, None])[None, None]
-        x = self.embed(input_ids)
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, cos, sin, mask, cache, cache_position=cache_position)
-        return CausalLMOutput(logits=self._logits(x, logits_to_keep, logits_span), loss=None, past_key_values=caches)
+def _mask(b: int, t: int, past: int, attention_mask, prefix_len, device):
+    """Self-attention mask of a dynamic-cache or uncached forward (see ``layers.attention``)."""
+    s = past + t
+    if prefix_len is not None:
+        if past:
+            raise ValueError("prefix_len applies to a full forward, not to cached decoding")
+        return prefix_lm_mask(prefix_len, t, attention_mask.bool() if attention_mask is not None else None)
+    if t == 1:  # one new token sees every cached one that is not padding
+        return padding_mask(attention_mask) if attention_mask is not None else None
+    if not past and (attention_mask is None or bool(attention_mask.all())):
+        return CAUSAL  # no padding: SDPA's is_causal, no (B, 1, T, T) tensor
+    mask = causal_mask(t, s, device=device).expand(b, 1, t, s)
+    if attention_mask is not None:
+        mask = mask & padding_mask(attention_mask)
+        mask = mask | torch.eye(t, s, dtype=torch.bool, device=device).roll(past, 1)[None, None]
+    return mask
+
+
+def _static_mask(cache_position: torch.Tensor, capacity: int, attention_mask) -> torch.Tensor:
+    """(B or 1, 1, T, capacity) over static caches: slots up to each new token's own, minus padding;
+    each token still sees itself (no empty row). Fixed shapes whatever the step, so it compiles once."""
+    slots = torch.arange(capacity, device=cache_position.device)[None, :]
+    mask = (slots <= cache_position[:, None])[None, None]
+    if attention_mask is not None:
+        mask = (mask & padding_mask(attention_mask)) | (slots == cache_position[:, None])[None, None]
+    return mask
 
 
 def _init_weights(module: nn.Module) -> None:
