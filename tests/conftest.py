@@ -45,20 +45,10 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 @pytest.fixture(scope="session")
 def token_dir(tmp_path_factory, synth_dir) -> Path:
     """Token shards of ``synth_dir`` (4 shards of 10) made with a small, untrained tokenizer set."""
-    import torch
-
-    from fourm.data.loader import LoaderConfig, build_loader
     from fourm.data.pretokenize import pretokenize
-    from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-    from fourm.tokenizers.text import TextTokenizer, TextTokenizerConfig
-    from fourm.tokenizers.tokenizer_set import TokenizerSet
+    from fourm.eval.speed import untrained_tokenizer_set
 
     root = tmp_path_factory.mktemp("tokens")
-    loader, _ = build_loader(synth_dir, LoaderConfig(modalities=("caption", "boxes"), batch_size=64, shuffle=0, num_workers=0))
-    batch = next(iter(loader))
-    text = TextTokenizer.train(batch["caption"] + [b["label"] for boxes in batch["boxes"] for b in boxes], TextTokenizerConfig(min_frequency=1))
-    torch.manual_seed(0)
-    images = {m: ImageTokenizer(ImageTokenizerConfig(modality=m, channels=[8, 16, 16])).eval() for m in ("rgb", "depth", "semseg")}
-    TokenizerSet(text=text, images=images).save_pretrained(root / "tok")
+    untrained_tokenizer_set(synth_dir).save_pretrained(root / "tok")
     pretokenize(root / "tok", synth_dir, root / "train", shard_size=10, progress=False)
     return root / "train"

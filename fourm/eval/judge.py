@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from fourm.data.synth.scene import CLASSES, COLORS, SHAPES
 from fourm.eval.captions import parse_caption
+from fourm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
     for batch in loader:
         if step >= config.steps or time.perf_counter() - start > 60 * config.max_minutes:
             break
-        lr = config.lr * 0.5 * (1 + np.cos(np.pi * step / config.steps))
+        lr = warmup_cosine(step, step / config.steps, config.lr, 0, 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):

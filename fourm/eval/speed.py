@@ -108,24 +108,31 @@ def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 4096, repeats: int = 3)
     return 2 * n**3 / _best(lambda: a @ b, repeats) / 1e12
 
 
-def untrained_token_shards(root: Path, scenes: int = 256) -> Path:
-    """Render ``scenes`` scenes and pretokenize them with a small untrained tokenizer set (for
-    benchmarks and tests that need token shards but not a trained tokenizer)."""
+def untrained_tokenizer_set(raw_dir: Path):
+    """A small, untrained TokenizerSet: a text tokenizer fitted to ``raw_dir``'s captions and box
+    labels, and randomly initialised image tokenizers (for benchmarks and tests that need token
+    shards but not trained tokenizers)."""
     from fourm.data.loader import LoaderConfig, build_loader
-    from fourm.data.pretokenize import pretokenize
-    from fourm.data.synth.generate import generate_dataset
     from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
     from fourm.tokenizers.text import TextTokenizer, TextTokenizerConfig
     from fourm.tokenizers.tokenizer_set import TokenizerSet
 
-    root = Path(root)
-    generate_dataset(root / "raw", scenes, res=64, seed=3, shard_size=max(1, scenes // 4), workers=1, progress=False)
-    loader, _ = build_loader(root / "raw", LoaderConfig(modalities=("caption", "boxes"), batch_size=scenes, shuffle=0, num_workers=0))
+    loader, _ = build_loader(raw_dir, LoaderConfig(modalities=("caption", "boxes"), batch_size=256, shuffle=0, num_workers=0))
     batch = next(iter(loader))
     text = TextTokenizer.train(batch["caption"] + [b["label"] for boxes in batch["boxes"] for b in boxes], TextTokenizerConfig(min_frequency=1))
     torch.manual_seed(0)
     images = {m: ImageTokenizer(ImageTokenizerConfig(modality=m, channels=[8, 16, 16])).eval() for m in ("rgb", "depth", "semseg")}
-    TokenizerSet(text=text, images=images).save_pretrained(root / "tok")
+    return TokenizerSet(text=text, images=images)
+
+
+def untrained_token_shards(root: Path, scenes: int = 256) -> Path:
+    """Render ``scenes`` scenes and pretokenize them with ``untrained_tokenizer_set``."""
+    from fourm.data.pretokenize import pretokenize
+    from fourm.data.synth.generate import generate_dataset
+
+    root = Path(root)
+    generate_dataset(root / "raw", scenes, res=64, seed=3, shard_size=max(1, scenes // 4), workers=1, progress=False)
+    untrained_tokenizer_set(root / "raw").save_pretrained(root / "tok")
     pretokenize(root / "tok", root / "raw", root / "tokens", shard_size=max(1, scenes // 4), progress=False)
     return root / "tokens"
 
@@ -133,16 +140,12 @@ def untrained_token_shards(root: Path, scenes: int = 256) -> Path:
 def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
     """(TrainConfig, vocab, an endless batch iterator) over ``tokens_dir`` as the training loop reads it."""
     from fourm.config import load_config
-    from fourm.modalities import MODALITIES
-    from fourm.training.data import DataSource, TokenStream, make_loader
-    from fourm.training.loop import TrainConfig
+    from fourm.training.data import DataSource, TokenStream, make_loader, manifest_context
+    from fourm.training.loop import TrainConfig, token_manifest
 
     cfg = load_config(TrainConfig, train_config, overrides)
     cfg.data.sources = [DataSource(path=str(tokens_dir))]
-    manifest = json.loads((Path(tokens_dir) / "manifest.json").read_text())
-    vocab = SharedVocab(**{k: manifest["vocab"][k] for k in ("specials", "spaces", "modalities")})
-    grids = {m: int(g) for m, g in manifest.get("grids", {}).items()}
-    kinds = {m: MODALITIES[m].kind for m in vocab.modalities}
+    vocab, grids, kinds = manifest_context(token_manifest(cfg))
     arch = cfg.model_spec()["arch"]
     cfg.objective.validate(arch)
     return cfg, vocab, iter(make_loader(TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective)))

@@ -31,6 +31,16 @@ from fourm.vocab import SharedVocab
 log = logging.getLogger(__name__)
 
 
+def manifest_context(manifest: dict) -> tuple[SharedVocab, dict[str, int], dict[str, str]]:
+    """From a token-shard manifest: the vocabulary, the image grids and each modality's kind, as
+    ``TokenStream`` takes them."""
+    from fourm.modalities import MODALITIES
+
+    vocab = SharedVocab(**{k: manifest["vocab"][k] for k in ("specials", "spaces", "modalities")})
+    grids = {m: int(g) for m, g in manifest.get("grids", {}).items()}
+    return vocab, grids, {m: MODALITIES[m].kind for m in vocab.modalities}
+
+
 @dataclass
 class DataSource:
     """Token shards (a directory, brace pattern, glob, or webdataset URL such as ``pipe:...``) and

@@ -25,10 +25,9 @@ from fourm.config import to_dict
 from fourm.models.build import build_model, load_model, save_pretrained
 from fourm.models.decoder import IGNORE_INDEX
 from fourm.models.layers import z_loss
-from fourm.modalities import MODALITIES
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.training import checkpoint as ckpt
-from fourm.training.data import StreamConfig, TokenStream, make_loader
+from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context
 from fourm.training.engine import Engine, init_distributed, load_deepspeed_config
 from fourm.training.schedule import warmup_cosine
 from fourm.vocab import SharedVocab
@@ -111,7 +110,8 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: tor
     return loss, per_mod
 
 
-def _token_manifest(cfg: TrainConfig) -> dict:
+def token_manifest(cfg: TrainConfig) -> dict:
+    """The manifest of the run's token shards (``manifest:`` or the first source's)."""
     candidates = ([Path(cfg.manifest)] if cfg.manifest else []) + [Path(src.path) / "manifest.json" for src in cfg.data.sources]
     for path in candidates:
         if path.is_file():
@@ -132,10 +132,8 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     """Run training into ``out``; returns a summary (steps, tokens, last losses)."""
     out = Path(out)
     rank, world = init_distributed(deepspeed_config is not None)
-    manifest = _token_manifest(cfg)
-    vocab = SharedVocab(**{k: manifest["vocab"][k] for k in ("specials", "spaces", "modalities")})
-    grids = {m: int(g) for m, g in manifest.get("grids", {}).items()}
-    kinds = {m: MODALITIES[m].kind for m in vocab.modalities}
+    manifest = token_manifest(cfg)
+    vocab, grids, kinds = manifest_context(manifest)
 
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
