@@ -137,21 +137,21 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
                 out[target] += generate(model, tokenizers, {"rgb": data["rgb"][sl]}, [target], greedy).outputs[target]
     scenes = data.get("scene") or [None] * n
     report: dict = {"scenes": n, "model": {}, "ceiling": {}, "floor": {}}
-    if "depth" in out:
-        report["model"]["rgb_to_depth"] = _depth(torch.stack(out["depth"]), data["depth"])
-    if "semseg" in out:
-        report["model"]["rgb_to_semseg"] = _semseg(torch.stack(out["semseg"]), data["semseg"], k)
-    if "boxes" in out:
-        report["model"]["rgb_to_boxes"] = _boxes(out["boxes"], data["boxes"])
-    if "caption" in out:
-        report["model"]["rgb_to_caption"] = _caption_scores(out["caption"], scenes, data["caption"])
-    # ceilings: the tokenizers alone
-    rt = {m: tokenizers.decode(m, tokenizers.encode(m, data[m], image_size=tuple(data["rgb"].shape[-2:])), image_size=tuple(data["rgb"].shape[-2:])) for m in ("depth", "semseg", "boxes", "caption", "rgb")}
-    report["ceiling"]["rgb_to_depth"] = _depth(torch.stack(rt["depth"]), data["depth"])
-    report["ceiling"]["rgb_to_semseg"] = _semseg(torch.stack(rt["semseg"]), data["semseg"], k)
-    report["ceiling"]["rgb_to_boxes"] = _boxes(rt["boxes"], data["boxes"])
-    report["ceiling"]["rgb_to_caption"] = _caption_scores(rt["caption"], scenes, data["caption"])
-    report["ceiling"]["rgb_tokenizer_psnr"] = float(psnr(torch.stack(rt["rgb"]).float(), data["rgb"].float()).mean())
+    hw = tuple(data["rgb"].shape[-2:])
+    score = {  # decoded outputs of one target -> its figures against the truth
+        "depth": lambda pred: _depth(torch.stack(pred), data["depth"]),
+        "semseg": lambda pred: _semseg(torch.stack(pred), data["semseg"], k),
+        "boxes": lambda pred: _boxes(pred, data["boxes"]),
+        "caption": lambda pred: _caption_scores(pred, scenes, data["caption"]),
+    }
+    for target in (t for t in wanted if t in score):
+        direction = f"rgb_to_{target}"
+        report["model"][direction] = score[target](out[target])
+        # ceiling: the tokenizer alone, encode -> decode of the truth
+        report["ceiling"][direction] = score[target](tokenizers.decode(target, tokenizers.encode(target, data[target], image_size=hw), image_size=hw))
+    if "rgb" in out:
+        round_trip = tokenizers.decode("rgb", tokenizers.encode("rgb", data["rgb"]))
+        report["ceiling"]["rgb_tokenizer_psnr"] = float(psnr(torch.stack(round_trip).float(), data["rgb"].float()).mean())
     report["floor"]["rgb_to_boxes"] = _boxes([[] for _ in range(n)], data["boxes"])
     if train_dir is not None:
         floors = training_floors(train_dir, k, config.baseline_scenes)
