@@ -3,7 +3,7 @@
 
     python launch/generate.py --model DIR --from rgb=photo.png [--from caption="a red cube left of a blue sphere"]
                               --to depth,semseg,boxes,caption --out DIR [--steps 8] [--cfg 3] [--temperature 1]
-                              [--top-k 0] [--top-p 1] [--seed 0] [--scheme auto] [--tokenizers DIR]
+                              [--top-k 0] [--top-p 1] [--seed 0] [--scheme auto] [--tokenizers DIR] [--adapter DIR]
 
 Targets are generated in the order given; each finished target conditions the next (a chain such as
 --to caption,semseg,depth,rgb). Writes depth.png + depth.npy, semseg.png + semseg_overlay.png,
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="inputs", action="append", default=[], metavar="MODALITY=VALUE", help="an input: rgb=FILE, depth=FILE.npy|png, semseg=FILE.png, boxes=FILE.json, caption=TEXT")
     p.add_argument("--to", required=True, help="comma-separated targets, generated in this order")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model)")
+    p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model, or with --adapter)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (launch/train.py with lora.enabled) applied to --model")
     p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT/ROAR steps per image target")
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (0: off)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
     try:
-        model, tokenizers = open_model(args.model, args.tokenizers, args.dtype)
+        model, tokenizers = open_model(args.model, args.tokenizers, args.dtype, args.adapter)
     except (OSError, ValueError) as exn:
         raise UsageError(str(exn)) from None
     known = tokenizers.modalities

@@ -157,17 +157,27 @@ def tokenizer_dir(model_dir: str | Path, explicit: str | Path | None = None) -> 
     raise ValueError(f"no tokenizer set known for {model_dir}: pass --tokenizers DIR")
 
 
-def open_model(model_dir: str | Path, tokenizers: str | Path | None = None, dtype: str = "float32"):
+def open_model(model_dir: str | Path, tokenizers: str | Path | None = None, dtype: str = "float32", adapter: str | Path | None = None):
     """(model in eval mode cast to ``dtype``, its TokenizerSet); a missing file is a ValueError
-    naming the path."""
+    naming the path. ``adapter``: a LoRA adapter directory (``fourm.training.lora``) merged into
+    the base once here, so decoding runs at the base model's speed; its tokenizer set (grown with
+    the adapter's new modalities) is the default one."""
     from fourm.models.build import load_model
     from fourm.tokenizers.tokenizer_set import TokenizerSet
+    from fourm.training.lora import load_adapters
     from fourm.vocab import VOCAB_FILE
 
     for name in ("config.json", "model.safetensors"):
         if not (Path(model_dir) / name).is_file():
             raise ValueError(f"--model {model_dir}: missing {Path(model_dir) / name}")
-    tok_dir = tokenizer_dir(model_dir, tokenizers)
+    tok_dir = tokenizer_dir(adapter if adapter and not tokenizers else model_dir, tokenizers)
     if not (tok_dir / VOCAB_FILE).is_file():
         raise ValueError(f"no tokenizer set at {tok_dir} (missing {tok_dir / VOCAB_FILE})")
-    return load_model(model_dir).to(getattr(torch, dtype)).eval(), TokenizerSet.from_pretrained(tok_dir)
+    if adapter:
+        model = load_adapters(model_dir, [adapter])[0].merge_and_unload()
+    else:
+        model = load_model(model_dir)
+    tset = TokenizerSet.from_pretrained(tok_dir)
+    if tset.vocab.size != model.config.vocab_size:
+        raise ValueError(f"the tokenizer set {tok_dir} has {tset.vocab.size} ids, the model {model.config.vocab_size}")
+    return model.to(getattr(torch, dtype)).eval(), tset

@@ -93,6 +93,8 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> torch
     config = make_config(json.loads((directory / CONFIG_FILE).read_text()))
     model = ARCHS[config.arch][1](config)
     state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    if "modality_embed.weight" in state:  # the name before models could grow (see grow.py)
+        state["modality_embeddings.weight"] = state.pop("modality_embed.weight")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

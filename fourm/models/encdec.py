@@ -49,7 +49,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         self.config = config
         bc = config.block_config()
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.modality_embed = nn.Embedding(len(config.modalities), config.dim)
+        self.modality_embeddings = nn.Embedding(len(config.modalities), config.dim)
         self.encoder = nn.ModuleList(Block(bc) for _ in range(config.enc_layers))
         self.enc_norm = RMSNorm(config.dim, config.norm_eps)
         self.decoder = nn.ModuleList(Block(bc, cross=True) for _ in range(config.dec_layers))
@@ -72,7 +72,7 @@ class EncoderDecoder(nn.Module, Pretrained):
 
     def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim)."""
-        x = self.embed(ids) + self.modality_embed(modality)
+        x = self.embed(ids) + self.modality_embeddings(modality)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         mask = None if bool(valid.all()) else bidirectional_mask(valid)  # no padding: no mask tensor
         for block in self.encoder:
@@ -110,7 +110,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         logits_span: (lo, hi): only output rows lo..hi-1 (logits (B, T, hi - lo)); see
             ``SharedVocab.logit_span``.
         """
-        x = self.embed(ids) + self.modality_embed(modality)
+        x = self.embed(ids) + self.modality_embeddings(modality)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         if cache is not None:
             past, t = cache[0].length, ids.shape[1]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +24,15 @@ import yaml
 from tqdm import tqdm
 
 from fourm.config import to_dict
-from fourm.models.build import build_model, load_model, save_pretrained
+from fourm.models.build import build_model, save_pretrained
+from fourm.models.grow import load_for_vocab
 from fourm.models.decoder import IGNORE_INDEX
 from fourm.models.layers import z_loss
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.training import checkpoint as ckpt
 from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context
 from fourm.training.engine import Engine, init_distributed, load_deepspeed_config
+from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.training.schedule import warmup_cosine
 from fourm.vocab import SharedVocab
 
@@ -67,7 +71,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     loss_mode: str = "modality_mean"  # modality_mean | token
     seed: int = 0
-    init_from: str = ""  # a from_pretrained directory to start from
+    init_from: str = ""  # a from_pretrained directory to start from (grown when the data's vocabulary extends its)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # enabled: adapters on a frozen init_from
     manifest: str = ""  # token-shard manifest.json, when the data are only remote URLs
 
     def model_spec(self) -> dict:
@@ -83,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"loss_mode must be 'modality_mean' or 'token', got {self.loss_mode!r}")
         if self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
+        if self.lora.enabled and not self.init_from:
+            raise ValueError("lora.enabled needs init_from: the pretrained model the adapters adapt")
 
 
 def lr_at(step: int, cfg: OptimConfig, total: int, min_progress: float = 0.0) -> float:
@@ -136,14 +143,21 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     vocab, grids, kinds = manifest_context(manifest)
 
     torch.manual_seed(cfg.seed)
+    base_vocab = vocab
     if cfg.init_from:
-        model = load_model(cfg.init_from)
+        model, base_vocab = load_for_vocab(cfg.init_from, vocab)
     else:
         model = build_model(cfg.model_spec(), vocab=vocab)
     arch = model.config.arch
     cfg.objective.validate(arch)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    if cfg.lora.enabled:
+        if deepspeed_config and load_deepspeed_config(deepspeed_config, 1, 1, 0.0).get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError("LoRA runs under DeepSpeed ZeRO-2 (or DDP); ZeRO-3 would shard the frozen base too, which adapters do not need: use configs/deepspeed/zero2.json")
+        new_modalities = [i for i, m in enumerate(vocab.modalities) if m not in base_vocab.modalities]
+        model = apply_lora(model, cfg.lora, range(base_vocab.size, vocab.size), new_modalities)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     kind = "deepspeed" if deepspeed_config else ("ddp" if world > 1 else "single")
     ds_cfg = load_deepspeed_config(deepspeed_config, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip) if deepspeed_config else None
@@ -247,8 +261,11 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
             metrics_file.close()
         if board is not None:
             board.close()
-    _save_final(engine, out, vocab, manifest)
+    _save_final(engine, out, vocab, manifest, cfg, base_vocab)
     summary = {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind, "parameter_bytes_per_rank": param_bytes}
+    summary["trainable_parameters"], summary["base_parameters"] = trainable_parameters(engine.module) if cfg.lora.enabled else (sum(p.numel() for p in trainable),) * 2
+    summary["seconds_per_step"] = (time.perf_counter() - start_time) / max(step - start_step, 1)
+    summary["peak_rss_mb"] = peak_rss_mb()
     if engine.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -277,7 +294,19 @@ def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches:
     engine.barrier()
 
 
-def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict) -> None:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, cfg: TrainConfig, base_vocab: SharedVocab) -> None:
+    if cfg.lora.enabled:  # the adapter alone, in peft's format (the base stays where it is)
+        if engine.is_main:
+            save_adapter(engine.module, out / "final", vocab, base_vocab.size, tokenizers=manifest.get("tokenizers"), base=cfg.init_from)
+            log.info("adapter written to %s", out / "final")
+        engine.barrier()
+        return
     state = engine.full_state_dict()
     if engine.is_main:
         model = type(engine.module)(engine.module.config)
