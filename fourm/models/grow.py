@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 
 def check_extends(old: SharedVocab, new: SharedVocab) -> None:
     """ValueError unless ``new`` keeps every id of ``old`` (same specials, spaces and tags)."""
-    if new.specials[: len(old.specials)] != old.specials or len(new.specials) != len(old.specials):
-        raise ValueError("the new vocabulary changes the special tokens; it does not extend the model's")
+    hint = "ids were renumbered (grow the tokenizer set with tokenizers/train.py --grow instead of laying it out again)"
+    if new.specials != old.specials:
+        raise ValueError(f"the new vocabulary has other special tokens than the model's: {hint}")
     for space, (start, size) in old.spaces.items():
         if new.spaces.get(space) != [start, size]:
-            raise ValueError(f"space {space!r} is {new.spaces.get(space)} in the new vocabulary but {[start, size]} in the model's: ids were renumbered (grow the tokenizer set with --grow instead of laying it out again)")
+            raise ValueError(f"space {space!r} is {new.spaces.get(space)} in the new vocabulary but {[start, size]} in the model's: {hint}")
     for modality, spaces in old.modalities.items():
         if new.modalities.get(modality) != spaces:
             raise ValueError(f"modality {modality!r} uses {new.modalities.get(modality)} in the new vocabulary, {spaces} in the model's")
