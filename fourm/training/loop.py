@@ -88,8 +88,6 @@ class TrainConfig:
             raise ValueError(f"loss_mode must be 'modality_mean' or 'token', got {self.loss_mode!r}")
         if self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
-        if self.lora.enabled and not self.init_from:
-            raise ValueError("lora.enabled needs init_from: the pretrained model the adapters adapt")
 
 
 def lr_at(step: int, cfg: OptimConfig, total: int, min_progress: float = 0.0) -> float:
@@ -144,6 +142,8 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
 
     torch.manual_seed(cfg.seed)
     base_vocab = vocab
+    if cfg.lora.enabled and not cfg.init_from:
+        raise ValueError("lora.enabled needs init_from (--set init_from=DIR): the pretrained model the adapters adapt")
     if cfg.init_from:
         model, base_vocab = load_for_vocab(cfg.init_from, vocab)
     else:
