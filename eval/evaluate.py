@@ -2,7 +2,7 @@
 """The evaluation suite on held-out scenes: every direction against its floor and its ceiling.
 
     python eval/evaluate.py --model DIR --data DIR --json OUT [--train-data DIR] [--judge FILE]
-        [--tokenizers DIR] [--scenes 64] [--steps 8] [--md OUT]
+        [--tokenizers DIR] [--scenes 64] [--steps 8] [--md OUT] [--directions rgb_to_depth,rgb_to_normals,...]
 
 --train-data enables the floors (mean depth, majority class, commonest object) and, when --judge
 names no existing file, trains the caption -> rgb judge's segmenter on it and saves it there.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fourm.cli import ArgumentParser, UsageError, positive_int, run, setup_logging, write_json
 from fourm.data.shards import require_shards
-from fourm.eval.suite import EvalConfig, check_targets, evaluate, markdown_report
+from fourm.eval.suite import DIRECTIONS, EXTRA_DIRECTIONS, EvalConfig, check_targets, evaluate, markdown_report
 
 log = logging.getLogger("evaluate")
 
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps per image target")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--judge-steps", type=positive_int, default=400)
+    p.add_argument("--directions", default=None, help=f"comma-separated directions (default: {','.join(DIRECTIONS)}); also {', '.join(EXTRA_DIRECTIONS)} for models that have them")
     args = p.parse_args(argv)
     setup_logging()
     from fourm.eval.judge import JudgeConfig, load_or_train_segmenter, train_segmenter
@@ -45,15 +46,23 @@ def main(argv=None) -> int:
         model, tokenizers = open_model(args.model, args.tokenizers)
     except (OSError, ValueError) as exn:
         raise UsageError(str(exn)) from None
-    config = EvalConfig(scenes=args.scenes, steps=args.steps, batch_size=args.batch_size, judge=JudgeConfig(steps=args.judge_steps))
+    directions = tuple(d.strip() for d in args.directions.split(",") if d.strip()) if args.directions else DIRECTIONS
+    try:
+        config = EvalConfig(scenes=args.scenes, steps=args.steps, batch_size=args.batch_size, directions=directions, judge=JudgeConfig(steps=args.judge_steps))
+    except ValueError as exn:
+        raise UsageError(f"--directions: {exn}") from None
     judge = None
-    if args.judge:
-        judge = load_or_train_segmenter(args.judge, args.train_data, config.judge)
-    elif args.train_data:
-        judge = train_segmenter(args.train_data, config.judge)
-    if judge is None:
-        log.warning("no usable --judge file and no --train-data: caption -> rgb is not judged")
-    report, _ = evaluate(model, tokenizers, args.data, config, train_dir=args.train_data, judge=judge)
+    if "caption_to_rgb" in directions:
+        if args.judge:
+            judge = load_or_train_segmenter(args.judge, args.train_data, config.judge)
+        elif args.train_data:
+            judge = train_segmenter(args.train_data, config.judge)
+        if judge is None:
+            log.warning("no usable --judge file and no --train-data: caption -> rgb is not judged")
+    try:
+        report, _ = evaluate(model, tokenizers, args.data, config, train_dir=args.train_data, judge=judge)
+    except ValueError as exn:  # held-out data or a model that does not fit the directions asked for
+        raise UsageError(str(exn)) from None
     report["targets"] = check_targets(report)
     write_json(args.json, report)
     table = markdown_report(report)

@@ -19,12 +19,16 @@ class Modality:
         kind: ``image`` (a 2D grid: tokenized to an image-like token grid), ``sequence``
             (tokenized to a 1D token sequence) or ``meta`` (not a model input; kept for evaluation).
         description: one line for ``--help`` texts and the README.
+        optional: left out of a freshly built vocabulary even when its id spaces exist (``count``
+            uses the text space, which every set has); added on request (``SharedVocab.build(...,
+            modalities=...)`` or ``SharedVocab.grow``), so existing vocabularies keep their layout.
     """
 
     name: str
     member: str
     kind: str
     description: str
+    optional: bool = False
 
 
 MODALITIES: dict[str, Modality] = {
@@ -35,6 +39,8 @@ MODALITIES: dict[str, Modality] = {
         Modality("semseg", "semseg.png", "image", "R x R uint8 class ids (manifest 'classes')"),
         Modality("boxes", "boxes.json", "sequence", "list of {bbox: [x0, y0, x1, y1] pixels, label}"),
         Modality("caption", "caption.txt", "sequence", "one UTF-8 sentence"),
+        Modality("normals", "normals.png", "image", "R x R x 3 uint8 unit surface normal (camera frame: x right, y down, z forward; towards the camera) as round((n + 1) * 127.5)"),
+        Modality("count", "count.txt", "sequence", "number of visible objects as text (e.g. '3')", optional=True),
         Modality("scene", "scene.json", "meta", "full scene description (synthetic data only)"),
     )
 }

@@ -8,8 +8,11 @@ Layout (deterministic from the modality registry and the tokenizers' sizes)::
 Ids are grouped into *spaces* (``special``, ``text``, ``box_coords``, ``rgb``, ...); every id belongs
 to exactly one space. A modality uses one or more spaces: ``caption`` -> text; ``boxes`` ->
 box_coords + text (coordinate bins followed by the label's text tokens); image-like modalities ->
-their own codebook. Growing the vocabulary (a new modality) appends spaces and never renumbers
-existing ids.
+their own codebook; ``count`` (an optional modality, only there when asked for) -> text.
+
+Growing the vocabulary (``grow``: a new modality's codebook, or a new modality on existing spaces)
+appends the new spaces and then one ``tags:<m>,...`` space with the new modalities' ``<m>``
+``</m>`` tags; no existing id is renumbered.
 """
 
 from __future__ import annotations
@@ -30,13 +33,32 @@ VOCAB_FILE = "vocab.json"
 
 def modality_spaces(modality: str) -> tuple[str, ...]:
     """The id spaces a modality's tokens come from."""
-    if modality == "caption":
+    if modality in ("caption", "count"):
         return ("text",)
     if modality == "boxes":
         return ("box_coords", "text")
     if modality in MODALITIES and MODALITIES[modality].kind == "image" or modality not in MODALITIES:
         return (modality,)
     raise KeyError(f"modality {modality!r} has no tokens")
+
+
+def _default_modality(m: str, spaces) -> bool:
+    """A registry modality that a vocabulary with ``spaces`` holds unless asked otherwise."""
+    spec = MODALITIES[m]
+    return spec.kind != "meta" and not spec.optional and all(s in spaces for s in modality_spaces(m))
+
+
+def _new_modalities(spaces, asked, existing) -> list[str]:
+    """Modalities a vocabulary with ``spaces`` gains over ``existing``: the registry's default ones
+    and the ``asked`` ones (registry order first, then unregistered names), each checked."""
+    for m in asked:
+        if m in MODALITIES and MODALITIES[m].kind == "meta":
+            raise ValueError(f"modality {m!r} has no tokens")
+        missing = [s for s in modality_spaces(m) if s not in spaces]
+        if missing:
+            raise ValueError(f"modality {m!r} needs the space(s) {', '.join(missing)}, which the vocabulary lacks")
+    new = [m for m in MODALITIES if m not in existing and (m in asked or _default_modality(m, spaces))]
+    return new + [m for m in dict.fromkeys(asked) if m not in MODALITIES and m not in existing]
 
 
 def space_order(spaces: set[str] | list[str]) -> list[str]:
@@ -62,21 +84,23 @@ class SharedVocab:
     modalities: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, space_sizes: dict[str, int], num_sentinels: int = DEFAULT_SENTINELS, base: "SharedVocab | None" = None) -> "SharedVocab":
+    def build(cls, space_sizes: dict[str, int], num_sentinels: int = DEFAULT_SENTINELS, base: "SharedVocab | None" = None, modalities: tuple[str, ...] | list[str] = ()) -> "SharedVocab":
         """Lay out a vocabulary for spaces of the given sizes.
 
         Args:
             space_sizes: space name -> number of ids (a text tokenizer's vocab size, the number of
                 coordinate bins, a codebook size).
             base: an existing vocabulary to grow: its ids stay as they are; new spaces (and the
-                begin/end tags of new modalities, taken from the reserved tail) are appended.
+                begin/end tags of new modalities) are appended (see ``grow``).
+            modalities: optional modalities (``Modality.optional``, e.g. ``count``) to include too;
+                every other registry modality whose spaces exist is always included.
         """
         if base is not None:
-            return base.grow(space_sizes)
+            return base.grow(space_sizes, modalities)
         for name, size in space_sizes.items():
             if size < 1:
                 raise ValueError(f"space {name!r} needs a positive size, got {size}")
-        modalities = [m for m in MODALITIES if MODALITIES[m].kind != "meta" and all(s in space_sizes for s in modality_spaces(m))]
+        modalities = _new_modalities(space_sizes, modalities, {})
         specials = list(BASE_SPECIALS)
         for m in modalities:
             specials += [f"<{m}>", f"</{m}>"]
@@ -88,12 +112,15 @@ class SharedVocab:
             start += int(space_sizes[name])
         return cls(specials=specials, spaces=spaces, modalities={m: list(modality_spaces(m)) for m in modalities})
 
-    def grow(self, space_sizes: dict[str, int]) -> "SharedVocab":
-        """A copy with new spaces (and new modalities' tags as a special space) appended.
+    def grow(self, space_sizes: dict[str, int], modalities: tuple[str, ...] | list[str] = ()) -> "SharedVocab":
+        """A copy with new spaces and new modalities appended; every existing id keeps its meaning.
 
-        Spaces that exist must keep their size."""
+        Spaces that exist must keep their size. New modalities are the registry's (non-optional)
+        modalities whose spaces are all there and that the vocabulary lacks, plus ``modalities``
+        (any modality whose spaces exist, e.g. ``count`` on the existing text space). Their
+        ``<m>`` ``</m>`` tags go into one ``tags:`` space after the new spaces."""
         spaces = {k: list(v) for k, v in self.spaces.items()}
-        modalities = {k: list(v) for k, v in self.modalities.items()}
+        known = {k: list(v) for k, v in self.modalities.items()}
         start = self.size
         for name in space_order(list(space_sizes)):
             size = int(space_sizes[name])
@@ -101,16 +128,15 @@ class SharedVocab:
                 if spaces[name][1] != size:
                     raise ValueError(f"space {name!r} has {spaces[name][1]} ids in the existing vocabulary, not {size}")
                 continue
+            if size < 1:
+                raise ValueError(f"space {name!r} needs a positive size, got {size}")
             spaces[name] = [start, size]
             start += size
-        extra_tags = []
-        for m in list(space_sizes):
-            if m not in modalities and all(s in spaces for s in modality_spaces(m)):
-                modalities[m] = list(modality_spaces(m))
-                extra_tags += [f"<{m}>", f"</{m}>"]
-        if extra_tags:
-            spaces["tags:" + ",".join(t for t in extra_tags[::2])] = [start, len(extra_tags)]
-        return SharedVocab(specials=list(self.specials), spaces=spaces, modalities=modalities)
+        new = _new_modalities(spaces, modalities, known)
+        if new:
+            spaces["tags:" + ",".join(f"<{m}>" for m in new)] = [start, 2 * len(new)]
+            known.update({m: list(modality_spaces(m)) for m in new})
+        return SharedVocab(specials=list(self.specials), spaces=spaces, modalities=known)
 
     # -- sizes and lookups -------------------------------------------------------------------
     @property

@@ -7,7 +7,7 @@
 
 Targets are generated in the order given; each finished target conditions the next (a chain such as
 --to caption,semseg,depth,rgb). Writes depth.png + depth.npy, semseg.png + semseg_overlay.png,
-boxes.png + boxes.json, caption.txt, rgb.png and overview.png into --out.
+boxes.png + boxes.json, caption.txt, rgb.png, normals.png, count.txt and overview.png into --out.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ log = logging.getLogger("generate")
 def main(argv=None) -> int:
     p = ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a from_pretrained model directory (training's OUT/final)")
-    p.add_argument("--from", dest="inputs", action="append", default=[], metavar="MODALITY=VALUE", help="an input: rgb=FILE, depth=FILE.npy|png, semseg=FILE.png, boxes=FILE.json, caption=TEXT")
+    p.add_argument("--from", dest="inputs", action="append", default=[], metavar="MODALITY=VALUE", help="an input: rgb=FILE, depth=FILE.npy|png, semseg=FILE.png, normals=FILE.png, boxes=FILE.json, caption=TEXT, count=TEXT")
     p.add_argument("--to", required=True, help="comma-separated targets, generated in this order")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model, or with --adapter)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fourm.models.grow import check_extends
 from fourm.vocab import SharedVocab
 
 SIZES = {"semseg": 64, "text": 300, "rgb": 1000, "box_coords": 1000, "depth": 500}
@@ -91,3 +92,56 @@ def test_malformed_vocab_file(tmp_path):
     (tmp_path / "w.json").write_text("not json")
     with pytest.raises(ValueError, match="cannot read vocabulary"):
         SharedVocab.load(tmp_path / "w.json")
+
+
+def test_optional_modalities_stay_out_of_a_fresh_build():
+    from fourm.vocab import modality_spaces
+
+    assert modality_spaces("count") == ("text",) and modality_spaces("normals") == ("normals",)
+    v = SharedVocab.build(SIZES)
+    assert "count" not in v.modalities and v.size == 114 + sum(SIZES.values())  # as before the registry grew
+    with_count = SharedVocab.build({**SIZES, "normals": 10}, modalities=("count",))
+    assert list(with_count.modalities)[-2:] == ["normals", "count"] and with_count.specials[with_count.begin_id("count")] == "<count>"
+    with pytest.raises(ValueError, match="lacks"):
+        SharedVocab.build({"rgb": 10}, modalities=("count",))
+
+
+def test_growth_with_normals_and_count_keeps_every_old_id(tmp_path):
+    old = SharedVocab.build(SIZES)
+    grown = old.grow({**SIZES, "normals": 1000}, modalities=("count",))
+    check_extends(old, grown)
+    with pytest.raises(ValueError):
+        check_extends(grown, old)
+    assert list(grown.modalities) == list(old.modalities) + ["normals", "count"]
+    for i in range(old.size):  # every old id means the same
+        assert grown.space_of(i) == old.space_of(i)
+        if i < len(old.specials):
+            assert grown.specials[i] == old.specials[i]
+    for m in old.modalities:
+        assert (grown.begin_id(m), grown.end_id(m)) == (old.begin_id(m), old.end_id(m))
+        assert torch.equal(grown.allowed_mask(m)[: old.size], old.allowed_mask(m)) and not grown.allowed_mask(m)[old.size :].any()
+        assert grown.logit_span(m) == old.logit_span(m)
+    # the new ids: the normals codebook, then the four tags
+    assert grown.space_range("normals") == range(old.size, old.size + 1000) and grown.size == old.size + 1000 + 4
+    tags = {grown.begin_id("normals"), grown.end_id("normals"), grown.begin_id("count"), grown.end_id("count")}
+    assert tags == set(range(old.size + 1000, grown.size))
+    assert grown.logit_span("normals") == (old.size, old.size + 1000)
+    assert torch.equal(grown.allowed_mask("count"), grown.allowed_mask("caption")) and grown.allowed_mask("count")[grown.eos_id]
+    grown.save(tmp_path / "vocab.json")
+    loaded = SharedVocab.load(tmp_path / "vocab.json")
+    assert loaded.to_json() == grown.to_json() and loaded.begin_id("count") == grown.begin_id("count")
+
+
+def test_count_alone_adds_only_its_tags_and_growth_is_idempotent():
+    old = SharedVocab.build(SIZES)
+    grown = old.grow(SIZES, modalities=("count",))
+    check_extends(old, grown)
+    assert grown.size == old.size + 2 and grown.modalities["count"] == ["text"]
+    assert grown.grow(SIZES, modalities=("count",)).to_json() == grown.to_json()
+    assert old.grow(SIZES).to_json() == old.to_json()
+    with pytest.raises(ValueError, match="has no tokens"):
+        old.grow({}, modalities=("scene",))
+    with pytest.raises(ValueError, match="needs the space"):
+        old.grow({}, modalities=("normals",))
+    with pytest.raises(ValueError, match="renumbered"):
+        check_extends(old, SharedVocab.build({**SIZES, "text": 301}))

@@ -3,8 +3,8 @@
 
     python tokenizers/evaluate.py --tokenizer DIR --data DIR [--json OUT] [--max-samples N]
 
-rgb PSNR/SSIM; depth AbsRel, δ1; semseg mIoU; boxes round-trip mean IoU; caption exact round-trip
-rate; codebook usage and perplexity per image tokenizer.
+rgb PSNR/SSIM; depth AbsRel, δ1; semseg mIoU; normals angular error; boxes round-trip mean IoU;
+caption and count exact round-trip rate; codebook usage and perplexity per image tokenizer.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fourm.tokenizers.evaluation import evaluate_tokenizer_set
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 
 log = logging.getLogger("evaluate")
-HEADLINE = {"rgb": ("psnr", "ssim", "codebook_usage"), "depth": ("abs_rel", "delta1", "codebook_usage"), "semseg": ("miou", "pixel_acc", "codebook_usage"), "boxes": ("mean_iou", "mean_tokens"), "caption": ("exact_round_trip", "mean_tokens")}
+HEADLINE = {"rgb": ("psnr", "ssim", "codebook_usage"), "depth": ("abs_rel", "delta1", "codebook_usage"), "semseg": ("miou", "pixel_acc", "codebook_usage"), "boxes": ("mean_iou", "mean_tokens"), "caption": ("exact_round_trip", "mean_tokens"), "normals": ("median_deg", "within_11_25", "codebook_usage"), "count": ("exact_round_trip", "mean_tokens")}
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,8 @@ Raw shard members (see ``fourm.modalities``):
     semseg.png   (H, W) uint8 PNG class ids   <-> torch.int64 (H, W)
     boxes.json   [{"bbox": [x0, y0, x1, y1], "label": str}, ...] pixel-edge coordinates
     caption.txt  UTF-8 text                   <-> str
+    normals.png  (H, W, 3) uint8 PNG          <-> torch.uint8 (3, H, W)  (``fourm.data.normals``)
+    count.txt    UTF-8 decimal integer        <-> int >= 0
     scene.json   dict                         <-> dict
 """
 
@@ -99,8 +101,8 @@ def decode_boxes(data: bytes, member: str) -> list[dict]:
 def decode_member(name: str, data: bytes):
     """Decode one modality's member bytes to its in-memory form (see the module docstring)."""
     member = name
-    if name == "rgb":
-        arr = decode_image(data, "rgb.png", "RGB")
+    if name in ("rgb", "normals"):
+        arr = decode_image(data, f"{name}.png", "RGB")
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     if name == "depth":
         arr = decode_npy(data, "depth.npy")
@@ -114,6 +116,11 @@ def decode_member(name: str, data: bytes):
         return decode_boxes(data, "boxes.json")
     if name == "caption":
         return decode_text(data, "caption.txt")
+    if name == "count":
+        text = decode_text(data, "count.txt")
+        if not (text.isascii() and text.isdigit()):
+            raise CorruptMember("count.txt", f"expected a non-negative integer, got {text[:20]!r}")
+        return int(text)
     if name == "scene":
         return decode_json(data, "scene.json")
     raise KeyError(f"no decoder for modality {member!r}")

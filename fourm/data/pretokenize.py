@@ -2,7 +2,7 @@
 
 Each sample of ``OUT/shard-*.tar`` holds ``<modality>.tokens.npy`` (int32 shared-vocabulary ids:
 (h*w,) row-major for image-like modalities, (L,) for sequences) for every modality the raw sample
-has and the set can encode, plus ``meta.json`` (``image_size`` as (H, W) and, for affine depth, the
+has and the set can encode (``normals`` and ``count`` too, once the set has them), plus ``meta.json`` (``image_size`` as (H, W) and, for affine depth, the
 per-image ``depth_scale``). A sample missing a modality keeps the others. ``OUT/manifest.json``
 names the tokenizer set and carries a copy of its vocabulary and the vocabulary's SHA-256.
 """
@@ -37,7 +37,7 @@ def vocab_sha256(tset: TokenizerSet) -> str:
 def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, batch_size: int = 64, shard_size: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
     """Tokenize raw shards ``data`` with the set at ``tokenizers`` into token shards at ``out``."""
     tset = TokenizerSet.from_pretrained(tokenizers)
-    mods = [m for m in tset.modalities if m in ("rgb", "depth", "semseg", "boxes", "caption")]
+    mods = tset.modalities
     loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=tuple(mods), batch_size=batch_size, shuffle=0, num_workers=1))
     out_dir = prepare_output_dir(out, overwrite)
     counts = {m: 0 for m in mods}
@@ -63,8 +63,8 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                         samples[i][m + TOKENS_SUFFIX] = encode_npy(ids[j].numpy().astype(np.int32))
                         if scale is not None:
                             metas[i]["depth_scale"] = [float(v) for v in scale[j]]
-                elif m == "caption":
-                    for i, ids in zip(present, tset.encode("caption", [values[i] for i in present])):
+                elif tset.is_text(m):
+                    for i, ids in zip(present, tset.encode(m, [values[i] for i in present])):
                         samples[i][m + TOKENS_SUFFIX] = encode_npy(ids.numpy().astype(np.int32))
                 else:
                     for i in present:

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from fourm.data.synth.caption import RELATION_PHRASES
-from fourm.data.synth.scene import COLORS, SHAPES, SIZES
+from fourm.data.synth.scene import COLORS, SHAPES, SIZES, visible_objects
 
 _MENTION = re.compile(r"\b(?:(an?|the)\s+)?(?:(" + "|".join(SIZES) + r")\s+)?(" + "|".join(COLORS) + r")\s+(" + "|".join(SHAPES) + r")\b")
 _PHRASES = sorted(((p, rel) for rel, ps in RELATION_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
@@ -67,7 +67,7 @@ def object_counts(text: str) -> Counter:
 
 def scene_object_counts(scene: dict) -> Counter:
     """Multiset of (colour, shape) of a ``scene.json``'s visible objects."""
-    return Counter((o["color"], o["shape"]) for o in scene["objects"] if o.get("visible_pixels", 1) > 0)
+    return Counter((o["color"], o["shape"]) for o in visible_objects(scene))
 
 
 def object_match(predicted: Counter, truth: Counter) -> tuple[int, int, int]:

@@ -1,7 +1,7 @@
 """Pure-torch evaluation metrics.
 
 Used to score tokenizer reconstructions and model predictions: PSNR and SSIM for images, the
-standard monocular-depth metrics, confusion-matrix mIoU for semantic segmentation, box IoU with
+standard monocular-depth metrics, angular errors of surface normals, confusion-matrix mIoU for semantic segmentation, box IoU with
 greedy same-label matching, and codebook usage/perplexity for VQ/FSQ tokenizers.
 
 Image metrics compute in float64 (inputs of any numeric dtype, on any device) so that results do
@@ -20,6 +20,7 @@ __all__ = [
     "psnr",
     "ssim",
     "depth_metrics",
+    "normal_angle_metrics",
     "segmentation_confusion",
     "miou_from_confusion",
     "box_iou",
@@ -151,6 +152,41 @@ def depth_metrics(
         "delta2": float((ratio < 1.25**2).to(torch.float64).mean()),
         "delta3": float((ratio < 1.25**3).to(torch.float64).mean()),
     }
+
+
+NORMAL_THRESHOLDS = {"within_11_25": 11.25, "within_22_5": 22.5, "within_30": 30.0}  # degrees, the usual bins
+
+
+def normal_angle_metrics(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, float]:
+    """Angular error of surface normals over all valid pixels of a batch.
+
+    Args:
+        pred, target: (B, 3, H, W) normal vectors (same shape), normalised here (a zero vector
+            counts as 90 degrees from anything).
+        valid: optional bool mask broadcastable to (B, H, W).
+
+    Returns:
+        {"mean_deg", "median_deg": the angle between pred and target in degrees, pooled over every
+         valid pixel of the batch; "within_11_25", "within_22_5", "within_30": the fraction of
+         those pixels with an angle below the threshold}. All NaN if no pixel is valid.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.dim() != 4 or pred.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) normals, got shape {tuple(pred.shape)}")
+    p = F.normalize(pred.to(torch.float64), dim=1, eps=1e-12)
+    t = F.normalize(target.to(torch.float64), dim=1, eps=1e-12)
+    angle = torch.rad2deg(torch.arccos((p * t).sum(1).clamp(-1.0, 1.0)))  # (B, H, W)
+    if valid is not None:
+        angle = angle[valid.to(torch.bool).expand_as(angle)]
+    n = angle.numel()
+    if n == 0:
+        return {k: float("nan") for k in ("mean_deg", "median_deg", *NORMAL_THRESHOLDS)}
+    angle = angle.flatten()
+    median = (angle.kthvalue((n + 1) // 2).values + angle.kthvalue(n // 2 + 1).values) / 2  # the middle one or two
+    out = {"mean_deg": float(angle.mean()), "median_deg": float(median)}
+    out.update({k: float((angle < th).to(torch.float64).mean()) for k, th in NORMAL_THRESHOLDS.items()})
+    return out
 
 
 def segmentation_confusion(

@@ -6,12 +6,14 @@ Directions (generated with the sampling API, one target at a time): rgb -> depth
 δ1..3 in metres via the depth tokenizer's decode), rgb -> semseg (mIoU, pixel accuracy), rgb ->
 boxes (COCO mAP, mAP@0.5 by pycocotools; categories are the shapes), rgb -> caption (precision,
 recall and F1 of the (colour, shape) objects named, against ``scene.json``), caption -> rgb
-(GenEval-style compositional accuracy by ``judge.py``).
+(GenEval-style compositional accuracy by ``judge.py``). Asked for by name only (``EXTRA_DIRECTIONS``,
+for models whose vocabulary has the modality): rgb -> normals (angular error, MaskGIT like depth)
+and rgb -> count (exact match of the generated integer).
 
 Ceilings: the tokenizers alone (encode -> decode of the ground truth), and the judge on the true
-images. Floors: per-pixel mean depth and per-pixel majority class of the training split, no boxes,
-the training split's most common object as the caption, and the judge on true images of *other*
-scenes.
+images. Floors: per-pixel mean depth, per-pixel majority class and per-pixel mean normal
+(renormalised) of the training split, no boxes, the training split's most common object as the
+caption and its most common count, and the judge on true images of *other* scenes.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ import torch
 from tqdm import tqdm
 
 from fourm.data.loader import LoaderConfig, build_loader
+from fourm.data.normals import decode_normals
 from fourm.data.synth.scene import SHAPES
 from fourm.eval.captions import object_counts, object_match, precision_recall_f1, scene_object_counts
 from fourm.eval.detection import coco_map
 from fourm.eval.judge import JudgeConfig, Segmenter, judge_images, summarize
-from fourm.eval.metrics import depth_metrics, miou_from_confusion, psnr, segmentation_confusion
+from fourm.eval.metrics import depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion
+from fourm.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("rgb_to_depth", "rgb_to_semseg", "rgb_to_boxes", "rgb_to_caption", "caption_to_rgb")
+EXTRA_DIRECTIONS = ("rgb_to_normals", "rgb_to_count")  # not in the default report; asked for by name
 
 
 @dataclass
@@ -55,25 +60,35 @@ class EvalConfig:
         for name in ("scenes", "batch_size", "steps", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        unknown = set(self.directions) - set(DIRECTIONS)
+        unknown = set(self.directions) - set(DIRECTIONS) - set(EXTRA_DIRECTIONS)
         if unknown:
-            raise ValueError(f"unknown direction(s) {sorted(unknown)}; known: {', '.join(DIRECTIONS)}")
+            raise ValueError(f"unknown direction(s) {sorted(unknown)}; known: {', '.join(DIRECTIONS + EXTRA_DIRECTIONS)}")
+
+    @property
+    def extra_targets(self) -> tuple[str, ...]:
+        """Targets of the asked-for ``EXTRA_DIRECTIONS`` (``normals``, ``count``)."""
+        return tuple(d.split("_to_")[1] for d in self.directions if d in EXTRA_DIRECTIONS)
 
 
 def _held_out(val_dir: str | Path, config: EvalConfig) -> dict:
     """The first ``config.scenes`` held-out samples, collated (lists for boxes/captions/scenes)."""
-    loader, _ = build_loader(val_dir, LoaderConfig(modalities=("rgb", "depth", "semseg", "boxes", "caption"), optional=("scene",), batch_size=config.scenes, shuffle=0, num_workers=0))
+    extra = config.extra_targets
+    loader, _ = build_loader(val_dir, LoaderConfig(modalities=("rgb", "depth", "semseg", "boxes", "caption", *extra), optional=("scene",), batch_size=config.scenes, shuffle=0, num_workers=0))
     batch = next(iter(loader), None)
     if batch is None:
-        raise ValueError(f"{val_dir}: no readable samples")
+        hint = f" with {', '.join(MODALITIES[m].member for m in extra)} (data_pipelines/add_modalities.py)" if extra else ""
+        raise ValueError(f"{val_dir}: no readable samples{hint}")
     return batch
 
 
-def training_floors(train_dir: str | Path, num_classes: int, scenes: int) -> dict:
+def training_floors(train_dir: str | Path, num_classes: int, scenes: int, extra: tuple[str, ...] = ()) -> dict:
     """Per-pixel mean depth (1, H, W), per-pixel majority class (H, W) and the most common
-    (colour, shape) object in captions, over the first ``scenes`` training samples."""
-    loader, _ = build_loader(train_dir, LoaderConfig(modalities=("depth", "semseg", "caption"), batch_size=256, shuffle=0, num_workers=0))
+    (colour, shape) object in captions, over the first ``scenes`` training samples; with ``extra``
+    ``normals``, the per-pixel mean normal (3, H, W) renormalised, and with ``count``, the most
+    common count (None when no sample has them)."""
+    loader, _ = build_loader(train_dir, LoaderConfig(modalities=("depth", "semseg", "caption"), optional=extra, batch_size=256, shuffle=0, num_workers=0))
     depth_sum, counts, n, objects = None, None, 0, Counter()
+    normal_sum, count_values = None, Counter()
     for batch in loader:
         d, s = batch["depth"].double(), batch["semseg"].long()
         depth_sum = d.sum(0) if depth_sum is None else depth_sum + d.sum(0)
@@ -81,11 +96,23 @@ def training_floors(train_dir: str | Path, num_classes: int, scenes: int) -> dic
         counts = onehot if counts is None else counts + onehot
         for c in batch["caption"]:
             objects.update(object_counts(c))
+        normals = [v for v in batch.get("normals", []) if v is not None]
+        if normals:
+            total = decode_normals(torch.stack(normals)).double().sum(0)
+            normal_sum = total if normal_sum is None else normal_sum + total
+        count_values.update(v for v in batch.get("count", []) if v is not None)
         n += len(batch["caption"])
         if n >= scenes:
             break
     top = objects.most_common(1)[0][0] if objects else ("gray", "cube")
-    return {"mean_depth": (depth_sum / n).float(), "majority": counts.argmax(-1), "common_object": top, "scenes": n}
+    return {
+        "mean_depth": (depth_sum / n).float(),
+        "majority": counts.argmax(-1),
+        "common_object": top,
+        "mean_normal": None if normal_sum is None else torch.nn.functional.normalize(normal_sum, dim=0).float(),
+        "common_count": count_values.most_common(1)[0][0] if count_values else None,
+        "scenes": n,
+    }
 
 
 def _caption_scores(preds: list[str], scenes: list, captions: list[str]) -> dict:
@@ -106,6 +133,25 @@ def _semseg(pred: torch.Tensor, true: torch.Tensor, k: int) -> dict:
     return {"miou": m["miou"], "pixel_acc": m["pixel_acc"]}
 
 
+def _count_scores(pred: list[str], true: list[int]) -> dict:
+    """Exact match of the generated integer (``accuracy``) and the fraction of outputs that are one."""
+    parsed = [int(p.strip()) if p.strip().isascii() and p.strip().isdigit() else None for p in pred]
+    return {"accuracy": sum(p == t for p, t in zip(parsed, true)) / len(true), "parsed": sum(p is not None for p in parsed) / len(true)}
+
+
+def _check_extra_targets(model, tokenizers, targets: tuple[str, ...]) -> None:
+    """A clear error when the model (its vocabulary size; the encoder-decoder's modality list) or
+    the tokenizer set lacks an asked-for extra target."""
+    v = tokenizers.vocab
+    for m in targets:
+        ok = m in tokenizers.modalities and m in getattr(model.config, "modalities", [m])
+        if ok:
+            top = max([v.end_id(m)] + [v.space_range(s).stop - 1 for s in v.modalities[m]])
+            ok = top < model.config.vocab_size
+        if not ok:
+            raise ValueError(f"rgb_to_{m} needs a model and tokenizer set whose vocabulary has {m!r} (a set grown with tokenizers/train.py --grow, and a model trained on it); the tokenizer set has: {', '.join(tokenizers.modalities)}")
+
+
 def _boxes(pred: list[list[dict]], true: list[list[dict]]) -> dict:
     m = coco_map(pred, true, SHAPES)
     return {"map": m["map"], "map50": m["map50"], "map75": m["map75"], "predicted_boxes": m["predicted_boxes"], "true_boxes": m["true_boxes"]}
@@ -121,6 +167,7 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
 
     config = config or EvalConfig()
     start = time.perf_counter()
+    _check_extra_targets(model, tokenizers, config.extra_targets)
     data = _held_out(val_dir, config)
     n = len(data["caption"])
     k = tokenizers.images["semseg"].config.num_classes
@@ -143,6 +190,8 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
         "semseg": lambda pred: _semseg(torch.stack(pred), data["semseg"], k),
         "boxes": lambda pred: _boxes(pred, data["boxes"]),
         "caption": lambda pred: _caption_scores(pred, scenes, data["caption"]),
+        "normals": lambda pred: normal_angle_metrics(torch.stack(pred), decode_normals(data["normals"])),
+        "count": lambda pred: _count_scores(pred, data["count"]),
     }
     for target in (t for t in wanted if t in score):
         direction = f"rgb_to_{target}"
@@ -154,11 +203,15 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
         report["ceiling"]["rgb_tokenizer_psnr"] = float(psnr(torch.stack(round_trip).float(), data["rgb"].float()).mean())
     report["floor"]["rgb_to_boxes"] = _boxes([[] for _ in range(n)], data["boxes"])
     if train_dir is not None:
-        floors = training_floors(train_dir, k, config.baseline_scenes)
+        floors = training_floors(train_dir, k, config.baseline_scenes, config.extra_targets)
         report["floor"]["rgb_to_depth"] = _depth(floors["mean_depth"].expand_as(data["depth"]).contiguous(), data["depth"])
         report["floor"]["rgb_to_semseg"] = _semseg(floors["majority"].expand_as(data["semseg"]).contiguous(), data["semseg"], k)
         color, shape = floors["common_object"]
         report["floor"]["rgb_to_caption"] = _caption_scores([f"a {color} {shape}"] * n, scenes, data["caption"])
+        if floors["mean_normal"] is not None and "normals" in out:
+            report["floor"]["rgb_to_normals"] = score["normals"](list(floors["mean_normal"].expand(n, -1, -1, -1)))
+        if floors["common_count"] is not None and "count" in out:
+            report["floor"]["rgb_to_count"] = score["count"]([str(floors["common_count"])] * n)
         report["floor"]["training_scenes"] = floors["scenes"]
     if judge is not None and "rgb" in out:
         generated = torch.stack(out["rgb"]).clamp(0, 255).to(torch.uint8)
@@ -173,6 +226,7 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
 # most half the mean-depth floor's
 TARGETS = {"rgb_to_depth": ("delta1", 0.95), "rgb_to_semseg": ("miou", 0.75), "rgb_to_boxes": ("map50", 0.6), "rgb_to_caption": ("f1", 0.8), "caption_to_rgb": ("accuracy", 0.6)}
 SECONDARY = {"rgb_to_depth": "abs_rel", "rgb_to_semseg": "pixel_acc", "rgb_to_boxes": "map", "rgb_to_caption": "precision", "caption_to_rgb": "relations"}
+EXTRA_METRICS = {"rgb_to_normals": ("median_deg", "within_11_25"), "rgb_to_count": ("accuracy",)}  # no targets
 
 
 def check_targets(report: dict) -> dict:
@@ -190,20 +244,19 @@ def check_targets(report: dict) -> dict:
 
 
 def markdown_report(report: dict) -> str:
-    """A table of every direction: floor, model, ceiling and target."""
+    """A table of every direction: floor, model, ceiling and target (extra directions, without
+    targets, only when the report has them)."""
 
-    def fmt(rec, key):
-        v = rec.get(key) if rec else None
-        return "-" if v is None else f"{v:.3f}"
+    def row(direction, metric, target="", met=""):
+        figures = [report[part].get(direction, {}).get(metric) for part in ("floor", "model", "ceiling")]
+        cells = " | ".join("-" if v is None else f"{v:.3f}" for v in figures)
+        return f"| {direction.replace('_to_', ' → ')} | {metric} | {cells} | {target} | {met} |"
 
     targets = check_targets(report)
     lines = ["| direction | metric | floor | model | ceiling | target | met |", "| --- | --- | ---: | ---: | ---: | ---: | :---: |"]
     for direction in DIRECTIONS:
         t = targets[direction]
-        for metric in (t["metric"], SECONDARY[direction]):
-            recs = [report[part].get(direction) for part in ("floor", "model", "ceiling")]
-            head = metric == t["metric"]
-            target = (f">= {t['target']}" if head else ("<= floor/2" if direction == "rgb_to_depth" else "")) if head or direction == "rgb_to_depth" else ""
-            met = {None: "-", True: "yes", False: "no"}[t["met"]] if head else ""
-            lines.append(f"| {direction.replace('_to_', ' → ')} | {metric} | {fmt(recs[0], metric)} | {fmt(recs[1], metric)} | {fmt(recs[2], metric)} | {target} | {met} |")
+        lines.append(row(direction, t["metric"], f">= {t['target']}", {None: "-", True: "yes", False: "no"}[t["met"]]))
+        lines.append(row(direction, SECONDARY[direction], "<= floor/2" if direction == "rgb_to_depth" else ""))
+    lines += [row(d, metric) for d in EXTRA_DIRECTIONS if d in report["model"] for metric in EXTRA_METRICS[d]]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from fourm.cli import UsageError
+from fourm.data.normals import normals_to_uint8
 from fourm.data.readers import centre_square_resize, read_boxes, read_depth, read_rgb, read_semseg
 from fourm.viz import caption_strip, colorize_depth, colorize_semseg, draw_boxes, grid, overlay, upscale
 
@@ -49,7 +50,7 @@ def load_inputs(spec: dict[str, str], res: int) -> dict:
     """Read ``--from`` values into batched raw inputs (batch of one) for ``generate``."""
     inputs: dict = {}
     for name, value in spec.items():
-        if name == "caption":
+        if name in ("caption", "count"):
             inputs[name] = [value]
             continue
         path = Path(value)
@@ -58,8 +59,8 @@ def load_inputs(spec: dict[str, str], res: int) -> dict:
         try:
             if name == "boxes":
                 inputs[name] = [read_boxes(path)]
-            elif name == "rgb":
-                inputs[name] = torch.from_numpy(_fit(read_rgb(path), res, name, Image.BICUBIC).copy()).permute(2, 0, 1)[None]
+            elif name in ("rgb", "normals"):  # normals: the PNG encoding round((n + 1) * 127.5)
+                inputs[name] = torch.from_numpy(_fit(read_rgb(path), res, name, Image.BICUBIC if name == "rgb" else Image.NEAREST).copy()).permute(2, 0, 1)[None]
             elif name == "depth":
                 inputs[name] = torch.from_numpy(_fit(read_depth(path), res, name, Image.NEAREST).copy())[None, None]
             elif name == "semseg":
@@ -110,8 +111,10 @@ def _write_all(out: Path, inputs: dict, outputs: dict, scale: int) -> list[Path]
             panels.append(upscale(colorize_depth(value[0, 0].numpy()), scale))
         elif name == "semseg":
             panels.append(upscale(colorize_semseg(value[0].numpy()), scale))
-        elif name == "caption":
-            panels.append(caption_strip("in: " + value[0], 64 * scale))
+        elif name == "normals":
+            panels.append(upscale(value[0].permute(1, 2, 0).numpy(), scale))
+        elif name in ("caption", "count"):
+            panels.append(caption_strip(f"{name}: " + value[0], 64 * scale))
     for name, values in outputs.items():
         v = values[0]
         if name == "rgb":
@@ -137,10 +140,14 @@ def _write_all(out: Path, inputs: dict, outputs: dict, scale: int) -> list[Path]
             drawn = draw_boxes(canvas, v, scale)
             save_png("boxes.png", drawn)
             panels.append(drawn)
-        elif name == "caption":
-            (out / "caption.txt").write_text(v + "\n")
-            written.append(out / "caption.txt")
-            panels.append(caption_strip("out: " + v, 64 * scale))
+        elif name == "normals":
+            img = normals_to_uint8(v.permute(1, 2, 0).numpy())
+            save_png("normals.png", img)
+            panels.append(upscale(img, scale))
+        elif name in ("caption", "count"):
+            (out / f"{name}.txt").write_text(v + "\n")
+            written.append(out / f"{name}.txt")
+            panels.append(caption_strip(f"out {name}: " + v, 64 * scale))
     save_png("overview.png", grid([panels]))
     return written
 

@@ -1,8 +1,9 @@
 """Reconstruction quality of a tokenizer set on raw shards (what ``tokenizers/evaluate.py`` reports).
 
 Per modality: rgb PSNR and SSIM; depth AbsRel, RMSE and δ1..δ3 of the reconstruction against the
-true metric depth; semseg mIoU and pixel accuracy; boxes mean IoU of the round trip (greedy
-same-label matching); caption exact round-trip rate; image codebook usage and perplexity.
+true metric depth; semseg mIoU and pixel accuracy; normals angular error; boxes mean IoU of the
+round trip (greedy same-label matching); caption and count exact round-trip rate; image codebook
+usage and perplexity.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def evaluate_tokenizer_set(tset: TokenizerSet, data, max_samples: int = 0, batch
 
     Returns ``{modality: {metric: value}}`` plus ``samples``.
     """
-    mods = [m for m in tset.modalities if m in ("rgb", "depth", "semseg", "boxes", "caption")]
+    mods = tset.modalities
     loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=tuple(mods), batch_size=batch_size, shuffle=0, num_workers=0))
     meters = {m: ReconstructionMeter(m, tset.images[m].codebook_size, tset.images[m].config.num_classes, with_ssim=True) for m in mods if m in tset.images}
     seq: dict = {m: {"score": [], "length": []} for m in mods if m not in tset.images}
@@ -45,10 +46,10 @@ def evaluate_tokenizer_set(tset: TokenizerSet, data, max_samples: int = 0, batch
                 raw = values if isinstance(values, torch.Tensor) else torch.stack([values[i] for i in present])
                 ids, scale = tset.encode_images(m, raw)
                 meters[m].update(raw, torch.stack(tset.decode(m, ids, scales=scale)), tset.vocab.to_local(m, ids))
-            elif m == "caption":
-                texts = [values[i] for i in present]
-                ids = tset.encode("caption", texts)
-                seq[m]["score"].extend(float(x == y) for x, y in zip(tset.decode("caption", ids), texts))
+            elif tset.is_text(m):
+                texts = [str(values[i]) for i in present]
+                ids = tset.encode(m, texts)
+                seq[m]["score"].extend(float(x == y) for x, y in zip(tset.decode(m, ids), texts))
                 seq[m]["length"].extend(len(t) for t in ids)
             else:
                 for i in present:
@@ -67,7 +68,7 @@ def evaluate_tokenizer_set(tset: TokenizerSet, data, max_samples: int = 0, batch
         if not acc["length"]:
             continue
         mean_tokens = sum(acc["length"]) / len(acc["length"])
-        if m == "caption":
+        if tset.is_text(m):
             result[m] = {"exact_round_trip": sum(acc["score"]) / len(acc["score"]), "mean_tokens": mean_tokens}
         else:
             result[m] = {"mean_iou": sum(acc["score"]) / max(1, len(acc["score"])), "boxes": len(acc["score"]), "mean_tokens": mean_tokens}

@@ -9,6 +9,8 @@ Per-modality input/output handling:
             normalisation of log depth (``affine``: decode returns metres when given the scale,
             else relative depth); loss L1.
     semseg  class ids (B, H, W) -> one-hot (B, K, H, W); decoder gives K logits; cross-entropy.
+    normals uint8 (B, 3, H, W) as in ``normals.png`` (or float unit vectors) -> [-1, 1]; loss MSE
+            + (1 - cosine similarity); decode gives float32 unit vectors (B, 3, H, W).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from fourm.tokenizers.quantizers import FSQ, Quantized, VectorQuantizer
 
-IMAGE_TOKENIZER_MODALITIES = ("rgb", "depth", "semseg")
+IMAGE_TOKENIZER_MODALITIES = ("rgb", "depth", "semseg", "normals")
 
 
 @dataclass
@@ -74,7 +76,7 @@ class ImageTokenizerConfig:
 
     @property
     def in_channels(self) -> int:
-        return {"rgb": 3, "depth": 1, "semseg": self.num_classes}.get(self.modality, 3)
+        return {"rgb": 3, "depth": 1, "semseg": self.num_classes, "normals": 3}.get(self.modality, 3)
 
     @property
     def out_channels(self) -> int:
@@ -174,7 +176,8 @@ class ImageTokenizer(nn.Module):
     def preprocess(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw batch -> (model input (B, C_in, H, W) float, per-image depth scale (B, 2) or None).
 
-        rgb: uint8 (B, 3, H, W); depth: metres (B, 1, H, W) or (B, H, W); semseg: ids (B, H, W).
+        rgb: uint8 (B, 3, H, W); depth: metres (B, 1, H, W) or (B, H, W); semseg: ids (B, H, W);
+        normals: uint8 (B, 3, H, W) or float unit vectors (B, 3, H, W).
         """
         cfg = self.config
         size = raw.shape[-2:]
@@ -199,15 +202,20 @@ class ImageTokenizer(nn.Module):
             hi = logd.amax(dim=(1, 2, 3)).clamp_min(lo + 1e-3)
             scale = torch.stack([lo, hi], 1)
             return (logd - lo[:, None, None, None]) / (hi - lo)[:, None, None, None] * 2 - 1, scale
+        if cfg.modality == "normals" and raw.dtype != torch.uint8:
+            return raw.float(), None
         return raw.float() / 127.5 - 1.0, None
 
     def postprocess(self, out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder output -> raw: rgb uint8 (B, 3, H, W); depth metres (B, 1, H, W) (relative in
-        [0, 1] for ``affine`` without a scale); semseg ids (B, H, W)."""
+        [0, 1] for ``affine`` without a scale); semseg ids (B, H, W); normals float32 unit
+        vectors (B, 3, H, W)."""
         cfg = self.config
         out = out.float()
         if cfg.modality == "semseg":
             return out.argmax(1)
+        if cfg.modality == "normals":
+            return F.normalize(out, dim=1, eps=1e-8)
         if cfg.modality == "depth":
             x = (out.clamp(-1, 1) + 1) / 2
             if cfg.depth_norm == "log":
@@ -227,6 +235,8 @@ class ImageTokenizer(nn.Module):
             return F.cross_entropy(out, ids[:, 0] if ids.dim() == 4 else ids)
         if cfg.modality == "depth":
             return F.l1_loss(out, x)
+        if cfg.modality == "normals":
+            return F.mse_loss(out, x) + (1.0 - F.cosine_similarity(out, x, dim=1, eps=1e-6)).mean()
         return F.mse_loss(out, x) + 0.1 * F.l1_loss(out, x)
 
     # -- the tokenizer ---------------------------------------------------------------------------

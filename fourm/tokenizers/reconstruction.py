@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from fourm.eval.metrics import codebook_stats, depth_metrics, miou_from_confusion, psnr, segmentation_confusion, ssim
+from fourm.data.normals import decode_normals
+from fourm.eval.metrics import codebook_stats, depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion, ssim
 
 
 class ReconstructionMeter:
     """rgb: PSNR (and SSIM when asked); depth: AbsRel, RMSE, δ1..δ3; semseg: mIoU, pixel accuracy,
-    per-class IoU; every modality: codebook usage and perplexity. ``score`` is the one number to
-    maximise (PSNR, δ1 or mIoU)."""
+    per-class IoU; normals: angular error (mean, median, within 11.25/22.5/30 degrees); every
+    modality: codebook usage and perplexity. ``score`` is the one number to maximise (PSNR, δ1,
+    mIoU or the fraction of normals within 11.25 degrees)."""
 
     def __init__(self, modality: str, codebook_size: int, num_classes: int = 0, with_ssim: bool = False):
         self.modality, self.codebook_size, self.num_classes, self.with_ssim = modality, codebook_size, num_classes, with_ssim
@@ -32,6 +34,9 @@ class ReconstructionMeter:
         elif self.modality == "depth":
             self.pred.append(recon)
             self.true.append(raw.float())
+        elif self.modality == "normals":
+            self.pred.append(recon)
+            self.true.append(decode_normals(raw))
         else:
             c = segmentation_confusion(recon, raw, self.num_classes)
             self.conf = c if self.conf is None else self.conf + c
@@ -51,6 +56,9 @@ class ReconstructionMeter:
         elif self.modality == "depth":
             out.update(depth_metrics(torch.cat(self.pred), torch.cat(self.true)))
             out["score"] = out["delta1"]
+        elif self.modality == "normals":
+            out.update(normal_angle_metrics(torch.cat(self.pred), torch.cat(self.true)))
+            out["score"] = out["within_11_25"]
         else:
             r = miou_from_confusion(self.conf)
             out["miou"], out["pixel_acc"], out["per_class_iou"] = r["miou"], r["pixel_acc"], r["per_class_iou"]

@@ -4,10 +4,14 @@
     DIR/set.json                         format tag and which modalities the set holds
     DIR/text/tokenizer.json | spm.model  the text tokenizer (captions and box labels)
     DIR/boxes/config.json                box quantisation (no weights)
-    DIR/<rgb|depth|semseg>/config.json + model.safetensors
+    DIR/<rgb|depth|semseg|normals>/config.json + model.safetensors
 
 Every ``encode`` returns shared-vocabulary ids, one 1-D LongTensor per sample; every ``decode``
-takes them back to raw values. Ids of another modality's range are an error.
+takes them back to raw values. Ids of another modality's range are an error. Text modalities
+(``caption``, and ``count`` once ``add_text_modality`` added it) are the text tokenizer's ids.
+
+A set grows without renumbering: ``grow_vocab`` appends the spaces of newly added tokenizers,
+``add_text_modality`` the tags of a new text modality; ``rebuild_vocab`` lays everything out anew.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from fourm.config import load_config
 from fourm.tokenizers.boxes import BoxTokenizer, BoxTokenizerConfig
 from fourm.tokenizers.image import IMAGE_TOKENIZER_MODALITIES, ImageTokenizer, ImageTokenizerConfig
 from fourm.tokenizers.text import TextTokenizer
-from fourm.vocab import VOCAB_FILE, SharedVocab
+from fourm.modalities import MODALITIES
+from fourm.vocab import VOCAB_FILE, SharedVocab, modality_spaces
 
 log = logging.getLogger(__name__)
 
 SET_FILE = "set.json"
+# registry modalities whose tokens are text ids alone ([EOS]-terminated sequences)
+TEXT_MODALITIES = tuple(m for m, spec in MODALITIES.items() if spec.kind == "sequence" and modality_spaces(m) == ("text",))
 SET_FORMAT = "fourm-tokenizer-set/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -54,12 +61,36 @@ class TokenizerSet:
         return sizes
 
     def rebuild_vocab(self) -> bool:
-        """Lay the vocabulary out again for the current tokenizers (canonical order); returns
-        whether any id changed. Models and token shards trained on the old layout no longer fit."""
-        new = SharedVocab.build(self.space_sizes())
+        """Lay the vocabulary out again for the current tokenizers (canonical order, keeping the
+        optional modalities the set has); returns whether any id changed. Models and token shards
+        trained on the old layout no longer fit."""
+        sizes = self.space_sizes()
+        keep = [m for m, spaces in self.vocab.modalities.items() if set(spaces) <= set(sizes)]
+        new = SharedVocab.build(sizes, modalities=keep)
         changed = new.to_json() != self.vocab.to_json()
         self.vocab = new
         return changed
+
+    def grow_vocab(self, modalities: tuple[str, ...] | list[str] = ()) -> list[str]:
+        """Append the spaces of tokenizers added since the vocabulary was made (and ``modalities``'
+        tags); every existing id keeps its meaning. Returns the modalities added.
+
+        Raises ValueError when a tokenizer the vocabulary has changed its number of ids."""
+        old = self.vocab
+        self.vocab = old.grow(self.space_sizes(), modalities)
+        return [m for m in self.vocab.modalities if m not in old.modalities]
+
+    def add_text_modality(self, name: str) -> bool:
+        """Add a sequence modality made of text-tokenizer ids (``count``) by growing the
+        vocabulary with its tags; returns False when the set has it already."""
+        if self.text is None:
+            raise ValueError(f"{name!r} needs a text tokenizer, and this set has none")
+        if name not in TEXT_MODALITIES:
+            raise ValueError(f"{name!r} is not a text modality; text modalities: {', '.join(TEXT_MODALITIES)}")
+        if name in self.vocab.modalities:
+            return False
+        self.grow_vocab((name,))
+        return True
 
     @property
     def grids(self) -> dict[str, int]:
@@ -74,7 +105,11 @@ class TokenizerSet:
     @property
     def modalities(self) -> list[str]:
         """Modalities this set can encode."""
-        return [m for m in self.vocab.modalities if m in self.images or (m in ("caption", "boxes") and self.text is not None)]
+        return [m for m, spaces in self.vocab.modalities.items() if m in self.images or (self.text is not None and "text" in spaces)]
+
+    def is_text(self, modality: str) -> bool:
+        """Whether ``modality``'s tokens are text ids alone (caption, count), [EOS]-terminated."""
+        return self.vocab.modalities.get(modality) == ["text"]
 
     def _require(self, modality: str) -> None:
         if modality not in self.modalities:
@@ -84,15 +119,16 @@ class TokenizerSet:
     def encode(self, modality: str, batch, image_size: tuple[int, int] | None = None) -> list[torch.Tensor]:
         """Raw batch -> one 1-D LongTensor of shared ids per sample.
 
-        caption: list[str]; boxes: list[list[dict]] with ``image_size`` (H, W) of the images the
-        boxes are in pixels of; rgb/depth/semseg: a batched tensor (see ``ImageTokenizer.preprocess``).
+        caption: list[str]; count: list of int (or str); boxes: list[list[dict]] with
+        ``image_size`` (H, W) of the images the boxes are in pixels of; rgb/depth/semseg/normals: a
+        batched tensor (see ``ImageTokenizer.preprocess``).
         """
         self._require(modality)
         if modality in self.images:
             ids, _ = self.encode_images(modality, batch)
             return list(ids)
-        if modality == "caption":
-            return [self.vocab.to_global("text", torch.tensor(x, dtype=torch.long)) for x in self.text.encode_batch(list(batch))]
+        if self.is_text(modality):
+            return [self.vocab.to_global("text", torch.tensor(x, dtype=torch.long)) for x in self.text.encode_batch([str(t) for t in batch])]
         if image_size is None:
             raise ValueError("boxes need image_size=(height, width)")
         return [self._encode_boxes(b, image_size) for b in batch]
@@ -114,15 +150,16 @@ class TokenizerSet:
     def decode(self, modality: str, ids, image_size: tuple[int, int] | None = None, scales: torch.Tensor | None = None) -> list:
         """Shared ids (a list of 1-D tensors, or a (B, N) tensor) -> list of raw samples.
 
-        caption -> str; boxes -> list[dict] in pixels of ``image_size``; rgb -> uint8 (3, H, W);
-        depth -> float metres (1, H, W); semseg -> int64 (H, W).
+        caption, count -> str; boxes -> list[dict] in pixels of ``image_size``; rgb -> uint8
+        (3, H, W); depth -> float metres (1, H, W); semseg -> int64 (H, W); normals -> float32
+        unit vectors (3, H, W).
         """
         self._require(modality)
         if modality in self.images:
             stacked = ids if isinstance(ids, torch.Tensor) else torch.stack(list(ids))
             return list(self.images[modality].decode(self.vocab.to_local(modality, stacked), scales))
         seqs = [torch.as_tensor(x, dtype=torch.long) for x in ids]
-        if modality == "caption":
+        if self.is_text(modality):
             return [self.text.decode(self.vocab.to_local("text", self._strip(s)).tolist()) for s in seqs]
         if image_size is None:
             raise ValueError("boxes need image_size=(height, width)")

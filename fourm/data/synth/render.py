@@ -33,12 +33,15 @@ class RenderResult:
         depth: (R, R) float32 metres along the camera axis, finite and > 0.
         semseg: (R, R) uint8 class ids into ``CLASSES``.
         instance: (R, R) int16: -2 background, -1 ground, k >= 0 the k-th scene object.
+        normals: (R, R, 3) float32 exact unit surface normals in the camera frame (x right, y
+            down, z forward), facing the camera; background pixels get the far plane's (0, 0, -1).
     """
 
     rgb: np.ndarray
     depth: np.ndarray
     semseg: np.ndarray
     instance: np.ndarray
+    normals: np.ndarray
 
 
 def _srgb_to_linear(rgb8: tuple[int, int, int]) -> np.ndarray:
@@ -190,6 +193,7 @@ def render_scene(scene: Scene, res: int) -> RenderResult:
     light = np.asarray(scene.light_direction, float)
     sky_w = np.clip(dirs[:, 1] * 4.0 + 0.2, 0.0, 1.0)[:, None]
     color = (1.0 - sky_w) * SKY_HORIZON + sky_w * SKY_ZENITH
+    normals = np.tile(np.array([0.0, 0.0, -1.0]), (n_pix, 1))
     idx = np.nonzero(hit)[0]
     if idx.size:
         p = origin + t[idx, None] * dirs[idx]
@@ -206,6 +210,8 @@ def render_scene(scene: Scene, res: int) -> RenderResult:
                 normal[m] = _NORMAL[obj.shape](p[m], obj)
                 albedo[m] = _srgb_to_linear(COLORS[obj.color])
                 shiny[m] = 1.0
+        right, up, _ = scene.camera.basis()
+        normals[idx] = np.stack([normal @ right, -(normal @ up), normal @ forward], -1)
         lambert = np.clip(normal @ light, 0.0, None)
         # hard shadows: is anything between the hit point and the light?
         shadow_o = p + 1e-4 * normal
@@ -227,6 +233,7 @@ def render_scene(scene: Scene, res: int) -> RenderResult:
         depth=depth.reshape(res, res),
         semseg=semseg.reshape(res, res),
         instance=instance.reshape(res, res),
+        normals=normals.reshape(res, res, 3).astype(np.float32),
     )
 
 

@@ -105,6 +105,12 @@ class Scene:
         return out
 
 
+def visible_objects(scene_json: dict) -> list[dict]:
+    """The objects of a ``scene.json`` that show at least one pixel (captions name exactly these,
+    and only these get a box); objects without a ``visible_pixels`` record count as visible."""
+    return [o for o in scene_json["objects"] if o.get("visible_pixels", 1) > 0]
+
+
 def _sample_camera(rng: np.random.Generator) -> Camera:
     # a CLEVR-like viewpoint, jittered
     azimuth = math.radians(45.0 + rng.uniform(-12.0, 12.0))
