@@ -73,10 +73,11 @@ def grow_model(model: torch.nn.Module, old: SharedVocab, new: SharedVocab) -> to
     else:
         state["lm_head.weight"] = state["embed.weight"]
     if "modality_embeddings.weight" in state:
+        # rows follow the new config's modality order (a manifest may list modalities sorted):
+        # an old modality keeps its row, a new one starts at the mean of the old rows
         old_mods, new_mods = list(model.config.modalities), list(config.modalities)
-        if new_mods[: len(old_mods)] != old_mods:
-            raise ValueError(f"modalities {old_mods} must stay first and in order, got {new_mods}")
-        state["modality_embeddings.weight"] = _append_rows(state["modality_embeddings.weight"], len(new_mods) - len(old_mods))
+        table = _append_rows(state["modality_embeddings.weight"], 1)
+        state["modality_embeddings.weight"] = table[[old_mods.index(m) if m in old_mods else len(old_mods) for m in new_mods]]
     grown.load_state_dict(state)
     return grown.train(model.training)
 
