@@ -5,7 +5,7 @@
 
 Sections: ``peak`` (a large bf16 and fp32 matmul: the ceiling MFU is read against); ``train``
 (decoder-only step vs ``transformers.LlamaForCausalLM`` of the identical shape on the same batch,
-bf16 autocast both; the encoder-decoder step with the 4M objective and with plain next-token);
+bf16 autocast both where the CPU has native bf16, else fp32 both; the encoder-decoder step with the 4M objective and with plain next-token);
 ``data`` (the token-shard reader's samples/s vs the training step's consumption; image tokenizer
 encode rates); ``zero3`` (parameter bytes per rank under DeepSpeed ZeRO-3 with 1 and 2 CPU ranks);
 ``decoding`` (KV-cache decoding, eager and compiled, vs HF ``generate`` on the same
@@ -56,11 +56,16 @@ def main(argv=None) -> int:
         if tokens is None and ("train" in sections or "data" in sections or "zero3" in sections):
             tokens = speed.untrained_token_shards(Path(tmp), scenes=64 if args.tiny else 256)
         if "peak" in sections or "train" in sections:
+            from fourm.precision import cpu_has_native_bf16
+
             n = 512 if args.tiny else 4096
-            result["peak"] = {"bf16_tflops": speed.matmul_peak_tflops("bfloat16", n, r), "fp32_tflops": speed.matmul_peak_tflops("float32", n, r), "n": n}
+            native = cpu_has_native_bf16()  # without it bf16 runs reference kernels: measured smaller, and training runs fp32
+            n_bf16 = n if native else min(n, 1024)
+            result["peak"] = {"bf16_tflops": speed.matmul_peak_tflops("bfloat16", n_bf16, r), "fp32_tflops": speed.matmul_peak_tflops("float32", n, r), "n": n, "n_bf16": n_bf16,
+                              "bf16_native": native, "training_dtype": "bfloat16" if native else "float32"}
             log.info("matmul peak: %s", result["peak"])
         if "train" in sections:
-            peak = result["peak"]["bf16_tflops"]
+            peak = result["peak"]["bf16_tflops" if result["peak"]["bf16_native"] else "fp32_tflops"]
             result["train_decoder_vs_hf"] = speed.training_vs_hf(tokens, peak, r, batch_size=4 if args.tiny else 16)
             result["train_encdec"] = speed.training_encdec(tokens, peak, r, batch_size=4 if args.tiny else 32)
         if "data" in sections:
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
 
 def print_tables(result: dict) -> None:
     if "peak" in result:
-        print(f"matmul peak ({result['peak']['n']}^3): bf16 {result['peak']['bf16_tflops']:.2f} TFLOP/s, fp32 {result['peak']['fp32_tflops']:.2f} TFLOP/s\n")
+        print(f"matmul peak ({result['peak']['n']}^3): bf16 {result['peak']['bf16_tflops']:.4f} TFLOP/s ({'native' if result['peak']['bf16_native'] else 'no native bf16: training runs fp32'}), fp32 {result['peak']['fp32_tflops']:.2f} TFLOP/s\n")
     if "train_decoder_vs_hf" in result:
         t = result["train_decoder_vs_hf"]
         rows = [[f"decoder_tiny, batch {t['batch']} x {t['seq_len']}", f"{t['ours_tokens_per_s']:.0f}", f"{t['hf_tokens_per_s']:.0f}", f"{t['speedup']:.2f}x", f"{100 * t['ours_mfu']:.1f}% / {100 * t['hf_mfu']:.1f}%"]]

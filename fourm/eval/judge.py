@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from fourm.data.synth.scene import CLASSES, COLORS, SHAPES
 from fourm.eval.captions import parse_caption
+from fourm.precision import autocast
 from fourm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
         lr = warmup_cosine(step, step / config.steps, config.lr, 0, 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+        with autocast("cpu", not torch.cuda.is_available()):
             logits = model(batch["rgb"].float() / 255.0)
         # objects cover a few percent of the pixels: weight the classes by 1/sqrt(frequency)
         target = batch["semseg"].long()

@@ -12,6 +12,7 @@ import torch
 from fourm.generation.api import GenerationConfig, generate_ids
 from fourm.models.build import build_model
 from fourm.models.sequence import pack_sequence
+from fourm.precision import autocast
 from fourm.vocab import SharedVocab
 
 BENCH_SPACES = {"text": 512, "box_coords": 1000, "rgb": 1000, "depth": 1000, "semseg": 1000}
@@ -159,7 +160,7 @@ def _step_fn(model, batch: dict, shift: bool):
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_modality")}
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu"):
             out = model(**inputs)
         loss, _ = compute_loss(out.logits, batch["labels"], batch["label_modality"], shift, "token_mean", 0.0)
         loss.backward()
@@ -192,7 +193,7 @@ def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
 
     def hf_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu"):
             loss = hf(**hf_batch).loss
         loss.backward()
         hf_opt.step()

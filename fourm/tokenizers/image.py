@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fourm.precision import autocast
 from fourm.tokenizers.quantizers import FSQ, Quantized, VectorQuantizer
 
 IMAGE_TOKENIZER_MODALITIES = ("rgb", "depth", "semseg", "normals")
@@ -258,7 +259,7 @@ class ImageTokenizer(nn.Module):
         ``bf16``: the conv encoder under bfloat16 autocast, as it was trained (about 3x faster on
         this CPU); the quantizer always runs in float32."""
         x, scale = self.preprocess(raw)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(x.device.type, bf16):
             z = self.encoder(x)
         return self.quantizer(z.float()).indices.flatten(1), scale
 
@@ -271,6 +272,6 @@ class ImageTokenizer(nn.Module):
         if int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size:
             raise ValueError(f"{self.config.modality} local ids must be in [0, {self.codebook_size})")
         z = self.quantizer.lookup(ids.view(-1, g, g))
-        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(z.device.type, bf16):
             out = self.decoder(z)
         return self.postprocess(out.float(), scale)

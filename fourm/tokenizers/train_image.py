@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from fourm.data.loader import LoaderConfig, build_loader
+from fourm.precision import autocast
 from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from fourm.tokenizers.reconstruction import ReconstructionMeter
 from fourm.training.schedule import warmup_cosine
@@ -99,7 +100,7 @@ def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=N
         progress = max(step / tcfg.max_steps, (time.perf_counter() - start) / (tcfg.max_minutes * 60))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, tcfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.bf16):
+        with autocast("cpu", tcfg.bf16):
             out = model(batch[modality])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

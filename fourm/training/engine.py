@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from fourm.precision import autocast_dtype
 from fourm.training.checkpoint import optimizer_from_files, optimizer_to_files
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Engine:
         self.kind = kind
         self.rank, self.world, local = dist_env()
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.autocast_dtype = autocast_dtype(self.device.type, bf16)
         self.module = model.to(self.device)
         if activation_checkpointing:
             _apply_activation_checkpointing(self.module)

@@ -1,0 +1,52 @@
+"""bf16 autocast only where it is native: the switch every training and tokenizer path uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fourm import precision
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    precision.cpu_has_native_bf16.cache_clear()
+    yield monkeypatch
+    precision.cpu_has_native_bf16.cache_clear()
+
+
+def test_env_forces_and_capability_decides(fresh):
+    fresh.setenv(precision.ENV, "1")
+    assert precision.autocast_dtype("cpu") is torch.bfloat16
+    assert precision.autocast_dtype("cpu", wanted=False) is None
+    with precision.autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    precision.cpu_has_native_bf16.cache_clear()
+    fresh.setenv(precision.ENV, "0")
+    assert precision.autocast_dtype("cpu") is None
+    with precision.autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    precision.cpu_has_native_bf16.cache_clear()
+    fresh.delenv(precision.ENV)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert precision.cpu_has_native_bf16() is native
+
+
+def test_engine_and_tokenizer_follow_it(fresh):
+    from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from fourm.training.engine import Engine
+
+    model = torch.nn.Linear(4, 4)
+    fresh.setenv(precision.ENV, "0")
+    assert Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single").autocast_dtype is None
+    precision.cpu_has_native_bf16.cache_clear()
+    fresh.setenv(precision.ENV, "1")
+    assert Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single").autocast_dtype is torch.bfloat16
+    tok = ImageTokenizer(ImageTokenizerConfig(modality="rgb", channels=[8, 16, 16])).eval()
+    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    ids_bf16, _ = tok.encode(raw)
+    precision.cpu_has_native_bf16.cache_clear()
+    fresh.setenv(precision.ENV, "0")
+    ids_fp32, _ = tok.encode(raw)
+    assert ids_bf16.shape == ids_fp32.shape == (2, 64)
+    assert (ids_bf16 == ids_fp32).float().mean() > 0.5  # the same codes up to bf16 rounding near boundaries
