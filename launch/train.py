@@ -6,6 +6,11 @@
 
 Runs the same under `python`, `torchrun --nproc_per_node N` (DDP, or DeepSpeed with --deepspeed)
 and the `deepspeed` launcher. On CPU, DeepSpeed needs DS_ACCELERATOR=cpu (set automatically).
+
+Exit status: 0 done; 2 bad input (one line on stderr), including an output directory that cannot be
+written or lacks room for the checkpoints; 3 stopped after `max_bad_steps` non-finite steps in a
+row (a checkpoint is written; fix the cause and `--resume`); 1 anything else.
+After `kill -9` (or a preempted machine), run the same command with `--resume`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ if "--deepspeed" in sys.argv and "DS_ACCELERATOR" not in os.environ:
 from fourm.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
 from fourm.config import load_config
 from fourm.data.shards import require_shards
-from fourm.training.loop import TrainConfig, train
+from fourm.training.loop import TrainConfig, TrainingDiverged, train
 
 log = logging.getLogger("train")
 
@@ -64,6 +69,10 @@ def main(argv=None) -> int:
         raise UsageError(f"init_from {cfg.init_from} is not a directory")
     try:
         summary = train(cfg, args.out, deepspeed_config=args.deepspeed, resume=args.resume, progress=not args.quiet)
+    except TrainingDiverged as exn:  # numerical faults: one line, exit 3 (2 is bad input, 1 a crash)
+        if int(os.environ.get("RANK", "0")) == 0:
+            sys.stderr.write(f"train.py: stopped: {exn}\n")
+        return 3
     except (ValueError, FileNotFoundError) as exn:
         raise UsageError(str(exn)) from None
     if summary["last"]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -22,9 +24,23 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
-def run_program(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a repo program (``data_pipelines/synth_scenes.py`` ...) with this interpreter."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def rewrite_tar(path, edit) -> None:
+    """Rewrite a tar in place: ``edit(member name, bytes)`` returns new bytes, or None to drop it."""
+    with tarfile.open(path) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(path, "w") as dst:
+        for m, data in members:
+            data = edit(m.name, data)
+            if data is None:
+                continue
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+
+
+def run_program(script: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a repo program (``data_pipelines/synth_scenes.py`` ...) with this interpreter; ``env``
+    adds to the environment."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
     )

@@ -17,6 +17,8 @@ from fourm.data.shards import ShardSink, expand_shards, prepare_output_dir
 from fourm.data.synth.generate import generate_dataset, render_sample
 from fourm.data.codecs import decode_image, decode_npy
 
+from conftest import rewrite_tar
+
 
 def _read_all(path, workers=0, **kw):
     cfg = LoaderConfig(batch_size=kw.pop("batch_size", 4), shuffle=kw.pop("shuffle", 0), num_workers=workers, **kw)
@@ -79,18 +81,6 @@ def test_brace_patterns_and_globs(synth_dir):
     assert sum(len(b["__key__"]) for b in batches) == 20
 
 
-def _rewrite(path, edit):
-    with tarfile.open(path) as src:
-        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
-    with tarfile.open(path, "w") as dst:
-        for m, data in members:
-            data = edit(m.name, data)
-            if data is None:
-                continue
-            m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
-
-
 @pytest.fixture()
 def corrupt_dir(tmp_path, synth_dir):
     bad = tmp_path / "bad"
@@ -111,7 +101,7 @@ def corrupt_dir(tmp_path, synth_dir):
             return buf.getvalue()
         return data
 
-    _rewrite(bad / "shard-000002.tar", edit)
+    rewrite_tar(bad / "shard-000002.tar", edit)
     (bad / "shard-000003.tar").write_bytes(b"this is not a tar file" * 40)
     return bad
 

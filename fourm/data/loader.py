@@ -6,12 +6,23 @@ unknown), every other reason once per dropped sample. A truncated shard, an unre
 requested modality or with inconsistent sizes is skipped with a warning and counted by reason.
 The counts live in shared memory, so they include what DataLoader worker processes skipped:
 ``SkipCounter.as_dict()`` in the main process gives the totals.
+
+The rules, per sample (``decode_sample``):
+- a member that does not decode (bad PNG, garbage .npy, pickled array, malformed JSON, non-UTF-8
+  text): skipped, ``corrupt_member``;
+- a requested modality absent, or an empty caption (an empty caption counts as no caption):
+  skipped, ``missing_modality``; an optional one: None (an empty optional caption is counted as the
+  repair ``empty_modality_dropped``);
+- image-like modalities of different sizes, or depth with NaN/inf: skipped, ``inconsistent_sample``;
+- boxes reaching outside the image: repaired, not skipped: clipped to the image, and a box with no
+  area left (or a non-finite coordinate) is dropped; counted once per sample as ``boxes_clipped``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -28,6 +39,7 @@ from fourm.modalities import IMAGE_MODALITIES, MODALITIES, parse_modalities
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("unreadable_shard", "truncated_shard", "corrupt_member", "missing_modality", "inconsistent_sample", "other")
+REPAIR_REASONS = ("boxes_clipped", "empty_modality_dropped")  # samples kept after a repair
 # tarfile's words for a stream that ends early (other ReadErrors mean "not a tar file")
 _TRUNCATION_MESSAGES = ("unexpected end of data", "empty header", "truncated header")
 _WARN_FIRST = 20  # per process: warn for the first skips, then every 1000th
@@ -66,7 +78,7 @@ class SkipCounter:
     """Counts of skipped samples (or shard remainders) per reason, shared across processes."""
 
     def __init__(self) -> None:
-        self._counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+        self._counts = torch.zeros(len(SKIP_REASONS) + len(REPAIR_REASONS), dtype=torch.int64).share_memory_()
         self._lock = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None).Lock()
         self._seen = 0  # per process, for rate-limiting warnings
         self._last_broken_shard: str | None = None
@@ -88,11 +100,26 @@ class SkipCounter:
             log.warning("skipped (%s): %s", reason, " ".join(str(a) for a in exn.args if a is not None)[:300])
         return True
 
+    def repaired(self, reason: str) -> None:
+        """Count a sample kept after a repair (``reason`` in ``REPAIR_REASONS``)."""
+        with self._lock:
+            self._counts[len(SKIP_REASONS) + REPAIR_REASONS.index(reason)] += 1
+
     def as_dict(self) -> dict[str, int]:
-        """``{reason: count}`` for every reason (zeros included), plus ``total``."""
+        """``{reason: count}`` for every skip reason (zeros included), plus ``total``."""
         counts = {r: int(c) for r, c in zip(SKIP_REASONS, self._counts.tolist())}
         counts["total"] = sum(counts.values())
         return counts
+
+    def repairs(self) -> dict[str, int]:
+        """``{reason: count}`` of samples kept after a repair (zeros included)."""
+        return {r: int(c) for r, c in zip(REPAIR_REASONS, self._counts.tolist()[len(SKIP_REASONS) :])}
+
+    def report(self) -> str:
+        """One line for the log: the non-zero skip and repair counts."""
+        parts = [f"{r} {n}" for r, n in self.as_dict().items() if n and r != "total"]
+        parts += [f"{r} {n} (repaired)" for r, n in self.repairs().items() if n]
+        return ", ".join(parts) if parts else "none"
 
 
 def tar_looks_truncated(path: str) -> bool:
@@ -116,7 +143,7 @@ def tar_looks_truncated(path: str) -> bool:
         return False
 
 
-def _flag_truncated_shards(counter: SkipCounter):
+def flag_truncated_shards(counter: SkipCounter):
     """Pipeline stage over shard dicts: count truncated local shards, then read them anyway (the
     samples before the cut are good)."""
 
@@ -130,10 +157,26 @@ def _flag_truncated_shards(counter: SkipCounter):
     return stage
 
 
-def decode_sample(sample: dict, modalities: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+def clip_boxes(boxes: list[dict], height: int, width: int) -> list[dict]:
+    """Boxes clipped to a ``height`` x ``width`` image; those with no area left, or with a
+    non-finite coordinate, are dropped."""
+    out = []
+    for b in boxes:
+        x0, y0, x1, y1 = b["bbox"]
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            continue
+        x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+        y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+        if x1 > x0 and y1 > y0:
+            out.append({**b, "bbox": [x0, y0, x1, y1]})
+    return out
+
+
+def decode_sample(sample: dict, modalities: tuple[str, ...], optional: tuple[str, ...] = (), counter: SkipCounter | None = None) -> dict:
     """Raw wds sample (member suffix -> bytes) -> ``{"__key__", modality: decoded, ...}``.
 
-    ``optional`` modalities are decoded when present and None when absent.
+    ``optional`` modalities are decoded when present and None when absent. The rules for bad data
+    are the module docstring's; ``counter`` counts the repairs.
 
     Image-like modalities must agree on height and width; depth must be finite.
     Raises:
@@ -154,11 +197,24 @@ def decode_sample(sample: dict, modalities: tuple[str, ...], optional: tuple[str
             out[name] = decode_member(name, sample[member])
         except CorruptMember as exn:
             raise CorruptMember(exn.member, f"{where}: {exn}") from None
+        if name == "caption" and not out[name]:
+            if name in modalities:
+                raise SkippedSample("missing_modality", f"{where}: empty {member}")
+            out[name] = None
+            if counter is not None:
+                counter.repaired("empty_modality_dropped")
     sizes = {name: tuple(out[name].shape[-2:]) for name in (*modalities, *optional) if name in IMAGE_MODALITIES and out[name] is not None}
     if len(set(sizes.values())) > 1:
         raise SkippedSample("inconsistent_sample", f"{where}: image sizes differ {sizes}")
-    if "depth" in out and not torch.isfinite(out["depth"]).all():
+    if out.get("depth") is not None and not torch.isfinite(out["depth"]).all():
         raise SkippedSample("inconsistent_sample", f"{where}: non-finite depth")
+    if out.get("boxes") and sizes:
+        height, width = next(iter(sizes.values()))
+        clipped = clip_boxes(out["boxes"], height, width)
+        if clipped != out["boxes"]:
+            out["boxes"] = clipped
+            if counter is not None:
+                counter.repaired("boxes_clipped")
     return out
 
 
@@ -234,11 +290,11 @@ def build_dataset(shards, config: LoaderConfig, counter: SkipCounter, transform=
         if config.shuffle:
             stages.append(wds.shuffle(len(urls), seed=config.seed))
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(_flag_truncated_shards(counter))
+    stages.append(flag_truncated_shards(counter))
     stages.append(wds.tarfile_to_samples(handler=handler))
     if config.shuffle:
         stages.append(wds.shuffle(config.shuffle, initial=min(config.shuffle, 100), seed=config.seed))
-    stages.append(wds.map(functools.partial(decode_sample, modalities=modalities, optional=optional), handler=handler))
+    stages.append(wds.map(functools.partial(decode_sample, modalities=modalities, optional=optional, counter=counter), handler=handler))
     if transform is not None:
         stages.append(wds.map(transform, handler=handler))
     stages.append(wds.batched(config.batch_size, collation_fn=collate, partial=not config.drop_last))

@@ -7,12 +7,25 @@ epoch. Each sample's objective draw uses ``default_rng([seed, epoch, crc32(key)]
 shuffle buffer reorders samples, and each worker batches its own samples; the DataLoader
 interleaves workers round-robin. The whole stream is therefore a function of the seed, and a
 resumed run skips the batches it already consumed (``skip``) to continue exactly where it stopped.
+
+Bad data never stops training; each sample is skipped or repaired by one rule (``decode_tokens``),
+counted per reason in ``TokenStream.skipped`` (shared with the DataLoader workers):
+- truncated shard (``truncated_shard``, the samples before the cut are used), unreadable shard or
+  not a tar (``unreadable_shard``);
+- a token member that is not a pickle-free .npy, not 1-D integers, or holds ids outside its
+  modality's vocabulary spaces: sample skipped, ``corrupt_member``;
+- an image modality whose token count is not its grid's: sample skipped, ``inconsistent_sample``;
+- an empty token array: that modality dropped from the sample (repair ``empty_modality_dropped``);
+  members of modalities the vocabulary lacks are ignored;
+- no usable modality left: sample skipped, ``missing_modality``;
+- anything else that fails while building the example: sample skipped, ``other``.
+A resumed run replays the stream up to its position, so the counts cover the whole run.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field
 
@@ -21,7 +34,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fourm.data.loader import SkipCounter
+from fourm.data.codecs import CorruptMember, decode_npy
+from fourm.data.loader import SkipCounter, SkippedSample, flag_truncated_shards
 from fourm.data.pretokenize import TOKENS_SUFFIX
 from fourm.data.shards import expand_shards
 from fourm.objectives.builders import collate_decoder, collate_encdec
@@ -60,13 +74,41 @@ class StreamConfig:
     modalities: list[str] = field(default_factory=list)  # empty: every modality the shards have
 
 
-def _decode_tokens(sample: dict, modalities: set[str] | None) -> dict[str, np.ndarray]:
+def decode_tokens(sample: dict, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], modalities: set[str] | None = None, counter: SkipCounter | None = None) -> dict[str, np.ndarray]:
+    """One token-shard sample -> ``{modality: int64 ids}`` by the rules of the module docstring.
+
+    Raises:
+        CorruptMember: a token member that does not decode or holds ids outside its spaces.
+        SkippedSample: wrong token count for an image modality, or no usable modality.
+    """
+    where = f"{sample.get('__key__', '?')} in {os.path.basename(str(sample.get('__url__', '?')))}"
     out = {}
     for name, value in sample.items():
-        if name.endswith(TOKENS_SUFFIX):
-            m = name[: -len(TOKENS_SUFFIX)]
-            if modalities is None or m in modalities:
-                out[m] = np.load(io.BytesIO(value), allow_pickle=False).astype(np.int64)
+        m = name[: -len(TOKENS_SUFFIX)] if name.endswith(TOKENS_SUFFIX) else None
+        if m not in vocab.modalities or (modalities is not None and m not in modalities):
+            continue
+        try:
+            ids = decode_npy(value, name) if isinstance(value, bytes) else value
+        except CorruptMember as exn:
+            raise CorruptMember(name, f"{where}: {exn}") from None
+        if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise CorruptMember(name, f"{where}: expected 1-D integer token ids, got {getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
+        if ids.size == 0:
+            if counter is not None:
+                counter.repaired("empty_modality_dropped")
+            continue
+        ids = ids.astype(np.int64)
+        ranges = [vocab.spaces[s] for s in vocab.modalities[m]]
+        inside = np.zeros(ids.shape, bool)
+        for start, size in ranges:
+            inside |= (ids >= start) & (ids < start + size)
+        if not inside.all():
+            raise CorruptMember(name, f"{where}: token id {int(ids[~inside][0])} is outside {m}'s vocabulary spaces")
+        if kinds.get(m) == "image" and m in grids and ids.size != grids[m] ** 2:
+            raise SkippedSample("inconsistent_sample", f"{where}: {ids.size} {m} tokens, the grid needs {grids[m] ** 2}")
+        out[m] = ids
+    if not out:
+        raise SkippedSample("missing_modality", f"{where}: no usable token member")
     return out
 
 
@@ -89,11 +131,15 @@ class TokenStream(IterableDataset):
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(urls))
         mine = [urls[i] for i in order][self.rank :: self.world][worker::workers]
         stream = wds.tarfile_to_samples(handler=self.skipped.record)
+        shards = flag_truncated_shards(self.skipped)(iter({"url": u} for u in mine))
         modalities = set(self.cfg.modalities) if self.cfg.modalities else None
-        for sample in stream(iter({"url": u} for u in mine)):
-            tokens = _decode_tokens(sample, modalities)
-            if tokens:
-                yield sample["__key__"], tokens
+        for sample in stream(shards):
+            try:
+                tokens = decode_tokens(sample, self.vocab, self.kinds, self.grids, modalities, self.skipped)
+            except (CorruptMember, SkippedSample) as exn:
+                self.skipped.record(exn)
+                continue
+            yield sample["__key__"], tokens
 
     def _examples(self, worker: int, workers: int):
         epoch = 0
@@ -112,7 +158,11 @@ class TokenStream(IterableDataset):
                     alive[i] = False
                     continue
                 rng = np.random.default_rng([self.cfg.seed, epoch, zlib.crc32(key.encode())])
-                example, objective = make_example(self.arch, tokens, self.kinds, self.vocab, self.grids, self.objective, rng)
+                try:
+                    example, objective = make_example(self.arch, tokens, self.kinds, self.vocab, self.grids, self.objective, rng)
+                except Exception as exn:  # the last line of defence: data never stops training
+                    self.skipped.record(SkippedSample("other", f"{key}: building the example failed: {type(exn).__name__}: {exn}"))
+                    continue
                 produced += 1
                 yield example
             if produced == 0:

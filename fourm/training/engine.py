@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from fourm.config import output_path
 from fourm.precision import autocast_dtype
 from fourm.training.checkpoint import optimizer_from_files, optimizer_to_files
 
@@ -58,10 +59,39 @@ def _apply_activation_checkpointing(model: torch.nn.Module) -> None:
             block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def load_deepspeed_config(path: str, micro_batch: int, grad_accum: int, grad_clip: float) -> dict:
-    """Read a DeepSpeed JSON and fill what the training config decides ("auto" or absent)."""
+# DeepSpeed config keys naming where DeepSpeed writes: kept inside the run directory
+DS_OUTPUT_PATHS = (
+    ("tensorboard", "output_path"), ("tensorboard", "job_name"), ("csv_monitor", "output_path"), ("csv_monitor", "job_name"),
+    ("flops_profiler", "output_file"), ("autotuning", "results_dir"), ("autotuning", "exps_dir"),
+    ("zero_optimization", "offload_param", "nvme_path"), ("zero_optimization", "offload_optimizer", "nvme_path"),
+)
+
+
+def _confine_output_paths(cfg: dict, run_dir: Path | None) -> None:
+    """Reject DeepSpeed output paths that are absolute or climb out (``..``); make the others
+    relative to ``run_dir``. An enabled monitor without ``output_path`` writes to ``run_dir/deepspeed``
+    (DeepSpeed's default would be the working directory)."""
+    for section in ("tensorboard", "csv_monitor"):
+        monitor = cfg.get(section)
+        if isinstance(monitor, dict) and monitor.get("enabled") and not monitor.get("output_path"):
+            monitor["output_path"] = "deepspeed"
+    for keys in DS_OUTPUT_PATHS:
+        parent = cfg
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or parent.get(keys[-1]) in (None, ""):
+            continue
+        where = output_path(run_dir or ".", parent[keys[-1]], "deepspeed config " + ".".join(keys))
+        if run_dir is not None and keys[-1] != "job_name":  # a job name is a folder under output_path
+            parent[keys[-1]] = str(where)
+
+
+def load_deepspeed_config(path: str, micro_batch: int, grad_accum: int, grad_clip: float, run_dir: Path | None = None) -> dict:
+    """Read a DeepSpeed JSON and fill what the training config decides ("auto" or absent); output
+    paths in it are confined to ``run_dir`` (see ``_confine_output_paths``)."""
     with open(path) as f:
         cfg = json.load(f)
+    _confine_output_paths(cfg, run_dir)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg.setdefault("gradient_clipping", grad_clip)
@@ -73,6 +103,27 @@ def load_deepspeed_config(path: str, micro_batch: int, grad_accum: int, grad_cli
         cfg["bf16"] = {"enabled": False}
         cfg["fp16"] = {"enabled": False}
     return cfg
+
+
+@contextlib.contextmanager
+def weights_only_torch_load():
+    """Every ``torch.load`` inside (DeepSpeed's, which asks for ``weights_only=False``) runs with
+    ``weights_only=True``: tensors, containers and the few DeepSpeed classes its ZeRO-2/3 checkpoints
+    hold (plain data); a file that needs anything else is refused instead of running its code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+            yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 class Engine:
@@ -128,17 +179,31 @@ class Engine:
         else:
             (loss / grad_accum).backward()
 
-    def step(self, grad_clip: float, boundary: bool) -> float | None:
-        """Optimizer step at an accumulation boundary; returns the gradient norm there."""
+    def step(self, grad_clip: float, boundary: bool, finite_loss: bool = True) -> bool | None:
+        """Optimizer step at an accumulation boundary; returns whether it was applied there (None
+        between boundaries).
+
+        A non-finite gradient norm, or ``finite_loss`` False on any rank, skips the update and
+        clears the gradients. Under DeepSpeed the decision is DeepSpeed's own (ZeRO-2/3 skip a step
+        whose gradient norm is not finite, on every rank alike).
+        """
         if self.ds is not None:
             self.ds.step()  # DeepSpeed counts micro-steps and clips itself
-            return None
+            return self.ds.was_step_applied() if boundary else None
         if not boundary:
             return None
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip) if grad_clip > 0 else None
-        self.optimizer.step()
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        ok = torch.tensor([float(finite_loss and bool(torch.isfinite(norm)))])
+        if dist.is_initialized():  # gradients agree across ranks after DDP's all-reduce; losses may not
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        applied = bool(ok)
+        if applied:
+            if grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm) if norm is not None else None
+        return applied
 
     def barrier(self) -> None:
         if dist.is_initialized():
@@ -156,7 +221,8 @@ class Engine:
 
     def load(self, directory: Path) -> None:
         if self.ds is not None:
-            self.ds.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
+            with weights_only_torch_load():
+                self.ds.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
             return
         self.module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(self.device)))
         optimizer_from_files(self.optimizer, directory)

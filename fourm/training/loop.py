@@ -4,13 +4,24 @@ Run length by steps or tokens; AdamW, warm-up + cosine; gradient accumulation an
 loss per modality (4M's mean over modalities, or per token); tqdm and ``metrics.jsonl`` on rank 0;
 atomic checkpoints every N steps and at the end; ``resume`` continues from the newest checkpoint
 as if never stopped; the final weights go to ``OUT/final/`` as a ``from_pretrained`` directory.
+
+Faults (see also ``checkpoint``, ``run_dir`` and ``data``): the run directory is checked for
+writability and free space before training starts; ``kill -9`` at any moment loses at most the
+steps since the last checkpoint, and ``resume`` rewinds ``metrics.jsonl`` to it so no step is
+logged twice; a step whose loss or gradient is not finite is skipped (no optimizer update) and
+counted (``bad_steps``), and ``max_bad_steps`` such steps in a row stop the run with a checkpoint
+and ``TrainingDiverged``; skipped and repaired samples are counted per reason in ``metrics.jsonl``
+(``skipped/<reason>``, ``repaired/<reason>``) and in ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +41,7 @@ from fourm.models.decoder import IGNORE_INDEX
 from fourm.models.layers import z_loss
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.training import checkpoint as ckpt
+from fourm.training import run_dir
 from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context
 from fourm.training.engine import Engine, init_distributed, load_deepspeed_config
 from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
@@ -74,6 +86,7 @@ class TrainConfig:
     init_from: str = ""  # a from_pretrained directory to start from (grown when the data's vocabulary extends its)
     lora: LoraSettings = field(default_factory=LoraSettings)  # enabled: adapters on a frozen init_from
     manifest: str = ""  # token-shard manifest.json, when the data are only remote URLs
+    max_bad_steps: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row; 0: never
 
     def model_spec(self) -> dict:
         """The model config: the preset YAML with ``model`` on top."""
@@ -88,6 +101,19 @@ class TrainConfig:
             raise ValueError(f"loss_mode must be 'modality_mean' or 'token', got {self.loss_mode!r}")
         if self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
+        if self.max_bad_steps < 0:
+            raise ValueError("max_bad_steps must be >= 0")
+
+
+class TrainingDiverged(RuntimeError):
+    """``max_bad_steps`` steps in a row had a non-finite loss or gradient; a checkpoint was written."""
+
+
+FAULT_ENV = "FOURM_FAULT_NAN_STEPS"  # fault injection for tests: "3,4" makes the loss NaN at steps 3 and 4
+
+
+def _injected_faults() -> set[int]:
+    return {int(v) for v in os.environ.get(FAULT_ENV, "").split(",") if v.strip()}
 
 
 def lr_at(step: int, cfg: OptimConfig, total: int, min_progress: float = 0.0) -> float:
@@ -138,6 +164,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     out = Path(out)
     rank, world = init_distributed(deepspeed_config is not None)
     manifest = token_manifest(cfg)
+    run_dir.check_writable(out)  # every rank, before the model is built: fails in seconds, not at the first checkpoint
     vocab, grids, kinds = manifest_context(manifest)
 
     torch.manual_seed(cfg.seed)
@@ -156,11 +183,13 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         new_modalities = [i for i, m in enumerate(vocab.modalities) if m not in base_vocab.modalities]
         model = apply_lora(model, cfg.lora, range(base_vocab.size, vocab.size), new_modalities)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    kept = cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else cfg.max_steps // cfg.ckpt_every + 1
+    run_dir.check_free_space(out, run_dir.bytes_needed(out, run_dir.checkpoint_bytes(model), kept, 4 * sum(p.numel() for p in model.parameters())))
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     kind = "deepspeed" if deepspeed_config else ("ddp" if world > 1 else "single")
-    ds_cfg = load_deepspeed_config(deepspeed_config, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip) if deepspeed_config else None
+    ds_cfg = load_deepspeed_config(deepspeed_config, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip, run_dir=out) if deepspeed_config else None
     engine = Engine(model, optimizer, kind, bf16=cfg.bf16, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing, deepspeed_config=ds_cfg)
 
     param_bytes = [engine.parameter_bytes()]
@@ -169,27 +198,30 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         dist.all_gather_object(param_bytes, engine.parameter_bytes())
     if engine.is_main:
         log.info("parameters per rank: %s MB", ", ".join(f"{b / 2**20:.1f}" for b in param_bytes))
-    step, tokens, batches = 0, 0, 0
+    step, tokens, batches, bad_steps, bad_in_row = 0, 0, 0, 0, 0
     if resume:
         latest = ckpt.latest_checkpoint(out)
         if latest is not None:
             state = ckpt.read_state(latest)
             engine.load(latest)
-            ckpt.load_rng(latest)
+            ckpt.load_rng(latest, rank)
             step, tokens, batches = state["step"], state["tokens"], state["batches_per_rank"]
+            bad_steps, bad_in_row = state.get("bad_steps", 0), state.get("bad_in_row", 0)
             if engine.is_main:
                 log.info("resuming from %s (step %d)", latest, step)
         elif engine.is_main:
             log.info("--resume: no checkpoint in %s, starting fresh", out)
     if engine.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+        run_dir.write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
+        dropped = run_dir.rewind_metrics(out / "metrics.jsonl", step)
+        if dropped:
+            log.info("metrics.jsonl: %d records after step %d dropped (they are done again)", dropped, step)
 
     stream = TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=batches)
     data = iter(make_loader(stream))
     names = list(vocab.modalities)
     metrics_file = open(out / "metrics.jsonl", "a") if engine.is_main else None
-    board = _tensorboard(out) if engine.is_main else None
+    board = _tensorboard(out, step + 1) if engine.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {arch}", unit="step", disable=not (progress and engine.is_main))
     window_tokens, window_start = 0, time.perf_counter()
     last: dict = {}
@@ -208,23 +240,30 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         return frac
 
     tf = time_fraction()  # measured once per step (a collective under torch.distributed)
+    faults = _injected_faults()
+    counters = {"bad_steps": bad_steps, "bad_in_row": bad_in_row}
     try:
         while step < cfg.max_steps and not (cfg.max_tokens and tokens >= cfg.max_tokens) and tf < 1.0:
             # with a time budget the decay follows the nearer of the two limits
             budget = max((step - start_step) / max(1, cfg.max_steps - start_step), tf) if tf > 0 else 0.0
             lr = lr_at(step, cfg.optim, cfg.max_steps, budget)
             engine.set_lr(lr)
-            losses, mod_losses = [], {}
+            losses, mod_losses, finite, applied = [], {}, True, True
             for micro in range(cfg.optim.grad_accum):
-                batch = next(data)
+                batch = next(data, None)
+                if batch is None:
+                    raise ValueError(f"the training data ran out: no usable samples left (skipped: {stream.skipped.report()})")
                 batches += 1
                 label_modality = batch.pop("label_modality")
                 labels = batch.pop("labels")
                 n_tok = _count_tokens(batch)
                 out_ = engine.forward(batch)
                 loss, per_mod = compute_loss(out_.logits, labels.to(out_.logits.device), label_modality.to(out_.logits.device), arch == "decoder", cfg.loss_mode, z_weight)
+                if step + 1 in faults:
+                    loss = loss * float("nan")
+                finite = finite and bool(torch.isfinite(loss.detach()))
                 engine.backward(loss, cfg.optim.grad_accum)
-                engine.step(cfg.optim.grad_clip, boundary=micro == cfg.optim.grad_accum - 1)
+                applied = engine.step(cfg.optim.grad_clip, boundary=micro == cfg.optim.grad_accum - 1, finite_loss=finite)
                 losses.append(loss.detach())
                 for m, v in per_mod.items():
                     mod_losses.setdefault(m, []).append(v.detach())
@@ -232,29 +271,38 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
                 tokens += n_tok * world
             step += 1
             bar.update()
+            bad_in_row = 0 if applied else bad_in_row + 1
+            bad_steps += not applied
+            if not applied and engine.is_main:
+                log.warning("step %d: non-finite loss or gradient; optimizer step skipped (%d in a row, %d in all)", step, bad_in_row, bad_steps)
+            diverged = bool(cfg.max_bad_steps) and bad_in_row >= cfg.max_bad_steps
             tf = time_fraction()
-            if step % cfg.log_every == 0 or step == cfg.max_steps or tf >= 1.0:
+            if step % cfg.log_every == 0 or step == cfg.max_steps or tf >= 1.0 or diverged:
                 loss_value = float(torch.stack(losses).mean())
                 if dist.is_initialized():  # the mean over ranks, for the log only
                     t = torch.tensor([loss_value])
                     dist.all_reduce(t)
                     loss_value = float(t) / world
                 elapsed = time.perf_counter() - window_start
-                last = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-                last.update({f"loss/{names[m]}": float(torch.stack(v).mean()) for m, v in mod_losses.items() if 0 <= m < len(names)})
+                last = {"step": step, "loss": _finite_or_none(loss_value), "lr": lr, "tokens": tokens, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                last.update({f"loss/{names[m]}": _finite_or_none(float(torch.stack(v).mean())) for m, v in mod_losses.items() if 0 <= m < len(names)})
+                last.update(_data_counts(stream, bad_steps))
                 window_tokens, window_start = 0, time.perf_counter()
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
                 if board is not None:
                     for key, value in last.items():
-                        if key != "step":
+                        if key != "step" and value is not None:
                             board.add_scalar(key, value, step)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                _save_checkpoint(engine, out, step, tokens, batches, cfg)
+            counters = {"bad_steps": bad_steps, "bad_in_row": bad_in_row}  # saved with the checkpoint
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or diverged:
+                _save_checkpoint(engine, out, step, tokens, batches, cfg, counters)
+            if diverged:
+                raise TrainingDiverged(f"{bad_in_row} steps in a row (max_bad_steps) had a non-finite loss or gradient, the last at step {step}: lower optim.lr or check the data; checkpoint {ckpt.checkpoint_dir(out, step)}")
         if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by tokens or time
-            _save_checkpoint(engine, out, step, tokens, batches, cfg)
+            _save_checkpoint(engine, out, step, tokens, batches, cfg, counters)
     finally:
         bar.close()
         if metrics_file is not None:
@@ -262,34 +310,60 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         if board is not None:
             board.close()
     _save_final(engine, out, vocab, manifest, cfg, base_vocab)
+    counts = _data_counts(stream, bad_steps)
+    if engine.is_main:
+        log.info("data: skipped samples: %s; optimizer steps skipped (non-finite): %d", stream.skipped.report(), bad_steps)
     summary = {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind, "parameter_bytes_per_rank": param_bytes}
+    summary["bad_steps"] = bad_steps
+    summary["skipped"] = {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")}
+    summary["repaired"] = {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("repaired/")}
     summary["trainable_parameters"], summary["base_parameters"] = trainable_parameters(engine.module) if cfg.lora.enabled else (sum(p.numel() for p in trainable),) * 2
     summary["seconds_per_step"] = (time.perf_counter() - start_time) / max(step - start_step, 1)
     summary["peak_rss_mb"] = peak_rss_mb()
     if engine.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        run_dir.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def _tensorboard(out: Path):
-    """A TensorBoard writer when tensorboard is installed, else None."""
+def _finite_or_none(value: float) -> float | None:
+    """``value``, or None (JSON null) when it is NaN or infinite."""
+    return value if math.isfinite(value) else None
+
+
+def _data_counts(stream: TokenStream, bad_steps: int) -> dict[str, int]:
+    """``skipped/<reason>`` and ``repaired/<reason>`` (non-zero ones, summed over ranks; ``skipped/total``
+    always) and ``bad_steps``, for ``metrics.jsonl``."""
+    skipped, repaired = stream.skipped.as_dict(), stream.skipped.repairs()
+    keys = [f"skipped/{r}" for r in skipped] + [f"repaired/{r}" for r in repaired]
+    values = torch.tensor(list(skipped.values()) + list(repaired.values()), dtype=torch.int64)
+    if dist.is_initialized():  # every rank reads its own shards
+        dist.all_reduce(values)
+    counts = {k: int(v) for k, v in zip(keys, values.tolist()) if v or k == "skipped/total"}
+    return {**counts, "bad_steps": bad_steps}
+
+
+def _tensorboard(out: Path, purge_step: int):
+    """A TensorBoard writer when tensorboard is installed, else None; events from ``purge_step`` on
+    (logged by a killed run after its last checkpoint) are discarded."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
-def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches: int, cfg: TrainConfig) -> None:
+def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches: int, cfg: TrainConfig, counters: dict) -> None:
     tmp, final = ckpt.temp_dir(out, step), ckpt.checkpoint_dir(out, step)
     if engine.is_main:
-        tmp.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a killed run
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     engine.barrier()
     engine.save(tmp)
+    ckpt.save_rng(tmp, engine.rank)
     engine.barrier()
     if engine.is_main:
-        ckpt.save_rng(tmp)
-        ckpt.write_state(tmp, {"step": step, "tokens": tokens, "batches_per_rank": batches, "world": engine.world, "engine": engine.kind})
+        ckpt.write_state(tmp, {"step": step, "tokens": tokens, "batches_per_rank": batches, "world": engine.world, "engine": engine.kind, **counters})
         ckpt.publish(tmp, final, cfg.keep_checkpoints)
     engine.barrier()
 
@@ -301,9 +375,14 @@ def peak_rss_mb() -> float:
 
 
 def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, cfg: TrainConfig, base_vocab: SharedVocab) -> None:
+    """``OUT/final``, written into ``OUT/.tmp-final`` and renamed when complete."""
+    tmp = out / ".tmp-final"
+    if engine.is_main and tmp.exists():  # left by a killed run
+        shutil.rmtree(tmp)
     if cfg.lora.enabled:  # the adapter alone, in peft's format (the base stays where it is)
         if engine.is_main:
-            save_adapter(engine.module, out / "final", vocab, base_vocab.size, tokenizers=manifest.get("tokenizers"), base=cfg.init_from)
+            save_adapter(engine.module, tmp, vocab, base_vocab.size, tokenizers=manifest.get("tokenizers"), base=cfg.init_from)
+            ckpt.replace_dir(tmp, out / "final")
             log.info("adapter written to %s", out / "final")
         engine.barrier()
         return
@@ -311,7 +390,8 @@ def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, c
     if engine.is_main:
         model = type(engine.module)(engine.module.config)
         model.load_state_dict(state)
-        save_pretrained(model, out / "final", vocab=vocab)
-        (out / "final" / "tokenizers.json").write_text(json.dumps({"tokenizers": manifest.get("tokenizers")}) + "\n")
+        save_pretrained(model, tmp, vocab=vocab)
+        (tmp / "tokenizers.json").write_text(json.dumps({"tokenizers": manifest.get("tokenizers")}) + "\n")
+        ckpt.replace_dir(tmp, out / "final")
         log.info("final model written to %s", out / "final")
     engine.barrier()
