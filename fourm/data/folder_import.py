@@ -165,6 +165,16 @@ def _key(stem: str) -> str:
     return stem.replace(".", "_")
 
 
+def sample_keys(stems) -> dict[str, str]:
+    """{shard key: file stem}; UsageError when two stems map to the same key."""
+    keys: dict[str, str] = {}
+    for stem in stems:
+        if _key(stem) in keys:
+            raise UsageError(f"samples {keys[_key(stem)]!r} and {stem!r} map to the same key {_key(stem)!r}")
+        keys[_key(stem)] = stem
+    return keys
+
+
 def import_folder(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -187,11 +197,7 @@ def import_folder(
     rgb_files = _by_stem(src / "rgb", RGB_EXTS)
     if not rgb_files:
         raise UsageError(f"no images in {src / 'rgb'} (expected *.png, *.jpg or *.jpeg)")
-    keys = {}
-    for stem in rgb_files:
-        if _key(stem) in keys:
-            raise UsageError(f"samples {keys[_key(stem)]!r} and {stem!r} map to the same key {_key(stem)!r}")
-        keys[_key(stem)] = stem
+    sample_keys(rgb_files)
     depth_files = _by_stem(src / "depth", (".npy", ".png"))
     semseg_files = _by_stem(src / "semseg", (".png",))
     box_files = _by_stem(src / "boxes", (".json",))

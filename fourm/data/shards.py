@@ -26,6 +26,24 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 
+def open_tar_writer(path: str | os.PathLike) -> wds.TarWriter:
+    """A TarWriter with fixed mtime, owner and mode (the same samples give the same bytes)."""
+    return wds.TarWriter(str(path), user="fourm", group="fourm", mode=0o444, mtime=0.0)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` via a temp file and a rename (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write ``out/manifest.json`` atomically."""
+    write_json_atomic(Path(out) / MANIFEST, manifest)
+
+
 def _dataset_files(out: Path) -> list[Path]:
     return sorted(out.glob("shard-*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
 
@@ -68,7 +86,7 @@ class ShardSink:
     def _open(self) -> None:
         name = SHARD_PATTERN.format(len(self.shard_counts))
         self._tmp = self.staging / name
-        self._writer = wds.TarWriter(str(self._tmp), user="fourm", group="fourm", mode=0o444, mtime=0.0)
+        self._writer = open_tar_writer(self._tmp)
         self.shard_counts.append(0)
 
     def _close(self) -> None:
@@ -110,9 +128,7 @@ class ShardSink:
         manifest["shards"] = [
             {"name": SHARD_PATTERN.format(i), "num_samples": n} for i, n in enumerate(self.shard_counts)
         ]
-        tmp = self.out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.out / MANIFEST)
+        write_manifest(self.out, manifest)
         return manifest
 
     def __exit__(self, exc_type, exc, tb) -> None:
