@@ -51,21 +51,21 @@ def main(argv=None) -> int:
 
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
     r = args.repeats
+    from fourm.precision import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()  # without it bf16 runs reference kernels: its peak is measured smaller, training and tiny decoding run fp32
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(args.tokens) if args.tokens else None
         if tokens is None and ("train" in sections or "data" in sections or "zero3" in sections):
             tokens = speed.untrained_token_shards(Path(tmp), scenes=64 if args.tiny else 256)
         if "peak" in sections or "train" in sections:
-            from fourm.precision import cpu_has_native_bf16
-
             n = 512 if args.tiny else 4096
-            native = cpu_has_native_bf16()  # without it bf16 runs reference kernels: measured smaller, and training runs fp32
             n_bf16 = n if native else min(n, 1024)
             result["peak"] = {"bf16_tflops": speed.matmul_peak_tflops("bfloat16", n_bf16, r), "fp32_tflops": speed.matmul_peak_tflops("float32", n, r), "n": n, "n_bf16": n_bf16,
                               "bf16_native": native, "training_dtype": "bfloat16" if native else "float32"}
             log.info("matmul peak: %s", result["peak"])
         if "train" in sections:
-            peak = result["peak"]["bf16_tflops" if result["peak"]["bf16_native"] else "fp32_tflops"]
+            peak = result["peak"]["bf16_tflops" if native else "fp32_tflops"]
             result["train_decoder_vs_hf"] = speed.training_vs_hf(tokens, peak, r, batch_size=4 if args.tiny else 16)
             result["train_encdec"] = speed.training_encdec(tokens, peak, r, batch_size=4 if args.tiny else 32)
         if "data" in sections:
@@ -78,9 +78,7 @@ def main(argv=None) -> int:
             result["zero3"] = speed.zero3_parameter_memory(tokens, Path(tmp))
         if "decoding" in sections:
             result["decoding"] = []
-            from fourm.precision import cpu_has_native_bf16
-
-            fast = "bfloat16" if cpu_has_native_bf16() or torch.cuda.is_available() else "float32"  # bf16 off its native kernels measures nothing useful
+            fast = "bfloat16" if native else "float32"  # bf16 off its native kernels measures nothing useful
             combos = (("float32", False), (fast, True)) if args.tiny else (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True))
             for dtype, compile in combos:
                 for b in (1, 8):
