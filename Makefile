@@ -12,8 +12,11 @@ STAMP := $(VENV)/.fourm-installed
 OUT ?= runs/demo
 MINUTES ?= 30
 PYTEST_ARGS ?=
+PORT ?= 7860
+# BROWSER=0: do not try to install Debian's chromium for the playground's browser test
+BROWSER ?= 1
 
-.PHONY: install test demo clean-venv
+.PHONY: install test demo playground browser clean-venv
 
 install: $(STAMP)
 
@@ -30,13 +33,32 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q "$$spec"; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
+	@$(MAKE) --no-print-directory browser
 	@touch $(STAMP)
+
+# Chromium for the playground's browser test: Debian's package where apt-get can be used as root;
+# elsewhere one line says how, and that test is skipped with the reason.
+browser:
+	@if [ "$(BROWSER)" = 0 ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser test (BROWSER=0 skips this)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
+		|| echo "could not install chromium: the playground's browser test will be skipped"; \
+	else \
+		echo "no chromium: the playground's browser test will be skipped (sudo apt-get install chromium, or set FOURM_CHROMIUM)"; \
+	fi
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	$(PY) launch/demo.py --out $(OUT) --minutes $(MINUTES)
+
+# the browser playground on the demo's model (after `make demo`)
+playground: install
+	$(PY) launch/playground.py --model $(OUT)/model --port $(PORT)
 
 clean-venv:
 	rm -rf $(VENV)

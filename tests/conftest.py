@@ -68,3 +68,23 @@ def token_dir(tmp_path_factory, synth_dir) -> Path:
     untrained_tokenizer_set(synth_dir).save_pretrained(root / "tok")
     pretokenize(root / "tok", synth_dir, root / "train", shard_size=10, progress=False)
     return root / "train"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, token_dir) -> Path:
+    """An untrained tiny encoder-decoder (dim 64) saved with ``save_pretrained``, its tokenizer set
+    (``token_dir``'s) recorded in ``tokenizers.json``: for generation programs and the playground."""
+    import json
+
+    import torch
+
+    from fourm.models.build import build_model
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    tok = TokenizerSet.from_pretrained(token_dir.parent / "tok")
+    torch.manual_seed(0)
+    model = build_model(REPO / "configs/models/encdec_tiny.yaml", vocab=tok.vocab, overrides=["dim=64"]).eval()
+    d = tmp_path_factory.mktemp("tiny_model") / "model"
+    model.save_pretrained(d, vocab=tok.vocab)
+    (d / "tokenizers.json").write_text(json.dumps({"tokenizers": str(token_dir.parent / "tok")}))
+    return d

@@ -161,13 +161,8 @@ def test_generation_errors(tok, batch):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tok, token_dir, tmp_path_factory):
-    import json
-
-    d = tmp_path_factory.mktemp("gen") / "model"
-    _model(tok, "encdec").save_pretrained(d, vocab=tok.vocab)
-    (d / "tokenizers.json").write_text(json.dumps({"tokenizers": str(token_dir.parent / "tok")}))
-    return d
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_generate_program_writes_every_output(model_dir, synth_dir, tmp_path):

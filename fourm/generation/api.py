@@ -15,6 +15,7 @@ as the null condition, as in training's condition dropout) with the conditional 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -78,10 +79,10 @@ def _batch_size(inputs: dict) -> int:
 
 
 @torch.no_grad()
-def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], config: GenerationConfig | None = None, image_size: tuple[int, int] | None = None, batch_size: int | None = None, token_inputs: dict[str, list[torch.Tensor]] | None = None) -> GenerationResult:
+def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], config: GenerationConfig | None = None, image_size: tuple[int, int] | None = None, batch_size: int | None = None, token_inputs: dict[str, list[torch.Tensor]] | None = None, progress: Callable[[int, str], None] | None = None) -> GenerationResult:
     """Generate ``targets`` in order from ``inputs`` (raw, batched as ``TokenizerSet.encode`` takes
     them) and ``token_inputs`` (shared ids per sample, e.g. from an earlier call); with no inputs,
-    ``batch_size`` unconditional samples."""
+    ``batch_size`` unconditional samples. ``progress(i, target)`` is called as target ``i`` starts."""
     config = config or GenerationConfig()
     known = tokenizers.modalities
     token_inputs = token_inputs or {}
@@ -92,19 +93,21 @@ def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], 
         raise ValueError("no target modality")
     image_size = image_size or (tokenizers.resolution, tokenizers.resolution)
     conds = {**encode_inputs(tokenizers, inputs, image_size), **{m: list(v) for m, v in token_inputs.items()}}
-    ids = generate_ids(model, tokenizers.vocab, tokenizers.grids, conds, targets, config, batch_size)
+    ids = generate_ids(model, tokenizers.vocab, tokenizers.grids, conds, targets, config, batch_size, progress)
     outputs = {m: tokenizers.decode(m, v, image_size=image_size) for m, v in ids.items()}
     return GenerationResult(ids=ids, outputs=outputs, image_size=image_size)
 
 
 @torch.no_grad()
-def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[str, list[torch.Tensor]], targets: list[str], config: GenerationConfig, batch_size: int | None = None) -> dict[str, list[torch.Tensor]]:
+def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[str, list[torch.Tensor]], targets: list[str], config: GenerationConfig, batch_size: int | None = None, progress: Callable[[int, str], None] | None = None) -> dict[str, list[torch.Tensor]]:
     """The token-level core of ``generate``: condition ids in, target ids out (no tokenizers)."""
     conds = dict(conds)
     b = _batch_size(conds) if conds else (batch_size or 1)
     generator = torch.Generator().manual_seed(config.seed)
     ids: dict[str, list[torch.Tensor]] = {}
-    for target in targets:
+    for i, target in enumerate(targets):
+        if progress is not None:
+            progress(i, target)
         cfg = config.for_target(target)
         if model.config.arch == "encdec":
             if _kind(target) == "image" and cfg.scheme in ("auto", "maskgit", "roar"):
