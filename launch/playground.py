@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from pathlib import Path
 
 from fourm.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
 
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     from fourm.playground.requests import Limits
     from fourm.playground.scenes import SceneStore
 
+    if not Path(args.model).is_dir():
+        raise UsageError(f"no model at {args.model} (run `make demo` first, or pass --model DIR)")
     sock = bind(args.host, args.port)  # before loading the model: a taken port fails fast
     try:
         model, tokenizers = open_model(args.model, args.tokenizers, args.dtype, args.adapter)

@@ -19,8 +19,7 @@ def test_bench_tiny_produces_every_figure(tmp_path, token_dir):
     assert {"4m", "next_token"} == set(r["train_encdec"]) and all(e["tokens_per_s"] > 0 and e["mfu"] > 0 for e in r["train_encdec"].values())
     assert 0.4 < r["zero3"]["ratio"] < 0.75 and len(r["zero3"]["two_ranks_bytes"]) == 2
     assert r["loader_samples_per_s"] > 0 and r["loader_vs_training"] > 0 and set(r["tokenizer_images_per_s"]) == {"rgb", "depth", "semseg"}
-    fast = r["peak"]["training_dtype"]  # the compiled tiny case runs in bf16 only where it is native
-    assert {(d["dtype"], d["compiled"], d["batch"]) for d in r["decoding"]} == {("float32", False, 1), ("float32", False, 8), (fast, True, 1), (fast, True, 8)}
+    assert {(d["dtype"], d["compiled"], d["batch"]) for d in r["decoding"]} == {("float32", False, 1), ("float32", False, 8)}
     assert all(d["speedup"] > 0 for d in r["decoding"]) and r["maskgit"]["decoder_passes_per_image"] == 8
     assert "| decoding (tokens/s)" in proc.stdout and "training step" in proc.stdout
 

@@ -154,6 +154,21 @@ def test_run_request_matches_direct_generation(tiny_model_dir):
     assert out["outputs"][2]["image"] == picture("semseg", alone.outputs["semseg"][0], req.inputs["rgb"][0].permute(1, 2, 0).numpy(), tok.resolution)["image"]
 
 
+def test_program_usage_errors(tiny_model_dir, tmp_path):
+    import socket
+
+    from conftest import assert_usage_error, run_program
+
+    assert_usage_error(run_program("launch/playground.py", "--model", str(tmp_path / "none")), "make demo")
+    assert_usage_error(run_program("launch/playground.py", "--model", str(tmp_path)), "config.json")
+    assert_usage_error(run_program("launch/playground.py", "--model", str(tiny_model_dir), "--port", "70000"), "--port")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert_usage_error(run_program("launch/playground.py", "--model", str(tiny_model_dir), "--port", str(port)), f"cannot listen on 127.0.0.1:{port}")
+
+
 # -- a real server process -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
