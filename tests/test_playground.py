@@ -229,6 +229,8 @@ def test_server_api(server):
     status, png = http(server + "api/scenes/3.png")
     assert status == 200 and Image.open(io.BytesIO(png)).size == (64, 64)
     assert http(server + "api/scenes/20.png")[0] == 404
+    status, body = http(server + "api/scenes/abc.png")
+    assert status == 400 and body["error"].startswith("bad request")
     assert "caption" in http(server + "api/scenes/3")[1]
     # bad requests: one sentence each, and the server carries on
     status, body = http(server + "api/jobs", *multipart({"image_source": "upload", "targets": "depth"}, {"image": ("x.png", b"not an image")}))
@@ -313,6 +315,7 @@ def test_page_in_a_browser(page, synth_dir, tmp_path):
     assert caption and caption != "(empty)"
     assert page.locator(".result").count() == 2
     assert "--to depth,caption" in page.text_content("#command")
+    assert page.get_attribute(".result[data-modality=depth] a.download", "download") == "depth.png"
     page.screenshot(path=str(tmp_path / "1-depth-caption.png"), full_page=True)
 
     # a bad upload shows the error in the page; a good request after it still succeeds

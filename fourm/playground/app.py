@@ -17,6 +17,7 @@ import logging
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,6 +54,11 @@ def create_app(model, tokenizers, *, model_dir: str = "MODEL", scenes: SceneStor
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exn):  # 404/405 as JSON with one sentence
         return error(exn.status_code, str(exn.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exn):  # e.g. /api/scenes/abc.png
+        where = ", ".join(str(e.get("loc", ["?"])[-1]) + ": " + str(e.get("msg", "invalid")) for e in exn.errors()[:3])
+        return error(400, f"bad request ({where})")
 
     @app.exception_handler(Exception)
     async def unexpected(request, exn):
