@@ -84,6 +84,21 @@ def test_box_parsing():
             parse_boxes(text, 64, lim)
 
 
+def test_truth_metrics_hand_cases():
+    from fourm.playground.runner import truth_metrics
+
+    truth = {"boxes": [{"bbox": [0, 0, 10, 10], "label": "red cube"}, {"bbox": [20, 20, 30, 30], "label": "blue sphere"}], "scene": {"objects": []}}
+    m = truth_metrics("boxes", [{"bbox": [0, 0, 10, 10], "label": "red cube"}, {"bbox": [20, 20, 30, 30], "label": "red cube"}], truth, 5)
+    assert m == {"predicted": 2, "true": 2, "matched (same label)": 1, "mean IoU over true": 0.5}
+    depth = torch.full((1, 4, 4), 2.0)
+    m = truth_metrics("depth", torch.full((1, 4, 4), 3.0), {"depth": depth}, 5)
+    assert m["AbsRel"] == pytest.approx(0.5) and m["δ1"] == 0.0
+    seg = torch.zeros(4, 4, dtype=torch.long)
+    seg[:, 2:] = 1
+    m = truth_metrics("semseg", torch.ones(4, 4, dtype=torch.long), {"semseg": seg}, 5)
+    assert m["pixel acc"] == 0.5 and m["mIoU"] == pytest.approx(0.25)  # class 0: IoU 0, class 1: 8/16
+
+
 def test_queue_runs_one_at_a_time_in_order_and_survives_failures():
     spans: list[tuple[str, float, float]] = []
     gate = threading.Event()
@@ -144,6 +159,8 @@ def test_run_request_matches_direct_generation(tiny_model_dir):
     assert cards["depth"]["text"].startswith(f"{float(d.min()):.2f} to {float(d.max()):.2f} m")
     assert set(cards["depth"]["metrics"]) == {"AbsRel", "δ1"} and set(cards["semseg"]["metrics"]) == {"mIoU", "pixel acc"}
     assert 0 <= cards["semseg"]["metrics"]["mIoU"] <= 1 and cards["semseg"]["legend"]
+    assert cards["boxes"]["metrics"]["predicted"] == len(direct.outputs["boxes"][0]) and cards["boxes"]["metrics"]["true"] == len(scenes.get(2)["boxes"])
+    assert cards["boxes"]["metrics"]["matched (same label)"] <= min(cards["boxes"]["metrics"]["predicted"], cards["boxes"]["metrics"]["true"])
     assert "--from rgb=scene-00002.png" in out["commands"][0] and "--to caption,depth,semseg,boxes" in out["commands"][0] and "--seed 5" in out["commands"][0]
     req.mode = "independent"
     out = run_request(model, tok, req, model_dir=str(tiny_model_dir))
@@ -252,6 +269,16 @@ def test_server_api(server):
     for a, b in zip(done, done[1:]):
         assert a["finished"] <= b["started"]
     assert done[0]["result"]["outputs"][0]["metrics"]["δ1"] >= 0
+
+
+def test_latency_program(server, tmp_path):
+    from conftest import assert_usage_error, run_program
+
+    proc = run_program("eval/playground_latency.py", "--url", server, "--repeats", "2", "--steps", "2", "--json", str(tmp_path / "lat.json"))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "lat.json").read_text())
+    assert len(r["requests"]) == 2 and all(v["generation_s"] > 0 and v["submit_to_result_s"] >= v["generation_s"] for v in r["requests"].values())
+    assert_usage_error(run_program("eval/playground_latency.py", "--url", "http://127.0.0.1:1/"), "no playground answers")
 
 
 # -- the page in a real browser ----------------------------------------------------------------------

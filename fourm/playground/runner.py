@@ -78,8 +78,8 @@ def truth_metrics(modality: str, pred, truth: dict, num_classes: int) -> dict[st
         m = miou_from_confusion(segmentation_confusion(pred.reshape(truth["semseg"].shape).long(), truth["semseg"], num_classes))
         return {"mIoU": m["miou"], "pixel acc": m["pixel_acc"]}
     if modality == "boxes":
-        ious = matched_box_iou(pred, truth["boxes"])
-        return {"matched": float(len(ious)), "of true": float(len(truth["boxes"])), "mean IoU": float(np.mean(ious)) if ious else 0.0}
+        ious = matched_box_iou(pred, truth["boxes"])  # one per true box, 0 when unmatched
+        return {"predicted": len(pred), "true": len(ious), "matched (same label)": sum(v > 0 for v in ious), "mean IoU over true": float(np.mean(ious)) if ious else 0.0}
     if modality == "caption":
         tp, n_pred, n_true = object_match(object_counts(pred), scene_object_counts(truth["scene"]))
         m = precision_recall_f1(tp, n_pred, n_true)
