@@ -153,16 +153,21 @@ def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
 
 
 def _step_fn(model, batch: dict, shift: bool):
-    """One bf16-autocast training step (forward, loss, backward, AdamW) as the training loop does it."""
-    from fourm.training.loop import compute_loss
+    """One training step (forward, loss, backward, AdamW) as the training loop does it: bf16
+    autocast where native, the encoder-decoder's loss on its fast path (``loop.model_loss``)."""
+    from types import SimpleNamespace
+
+    from fourm.training.loop import model_loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_modality")}
 
-    def step():
+    def forward(b):
         with autocast("cpu"):
-            out = model(**inputs)
-        loss, _ = compute_loss(out.logits, batch["labels"], batch["label_modality"], shift, "token_mean", 0.0)
+            return model(**b)
+
+    def step():
+        loss, _ = model_loss(SimpleNamespace(forward=forward), inputs, batch["labels"], batch["label_modality"], "decoder" if shift else "encdec", "token_mean", 0.0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

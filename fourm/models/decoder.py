@@ -65,6 +65,7 @@ class DecoderLM(nn.Module, Pretrained):
         logits_to_keep: int = 0,
         logits_span: tuple[int, int] | None = None,
         cache_position: torch.Tensor | None = None,
+        loss_labels: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Args:
             input_ids: (B, T) shared-vocabulary ids.
@@ -79,6 +80,10 @@ class DecoderLM(nn.Module, Pretrained):
             cache_position: (T,) the slots of static caches (``new_cache(static=True)``) the new
                 tokens take; ``attention_mask`` is then (B, capacity) and slots after the new
                 tokens are hidden.
+            loss_labels: (B, T) the training loop's fast path: no logits; the output layer runs
+                only at positions whose next label is not -100 -> ``ce`` (N,), ``lse`` (N,)
+                (logsumexp, for the z-loss) and ``index`` (N,) into the flattened (B, T - 1)
+                shifted positions. Same values as cross-entropy of the full logits there.
         """
         b, t = input_ids.shape
         if cache_position is not None:
@@ -96,6 +101,12 @@ class DecoderLM(nn.Module, Pretrained):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None, cache_position=cache_position)
+        if loss_labels is not None:
+            y = loss_labels[:, 1:].reshape(-1)
+            index = (y != IGNORE_INDEX).nonzero()[:, 0]
+            picked = self.lm_head(self.norm(x[:, :-1].reshape(-1, x.shape[-1])[index])).float()
+            ce = F.cross_entropy(picked, y[index], reduction="none")
+            return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=torch.logsumexp(picked, dim=-1), index=index)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = output_logits(self.lm_head, self.norm(x), logits_span)

@@ -62,6 +62,9 @@ class EncoderDecoder(nn.Module, Pretrained):
             for start, stop in config.modality_ranges.get(m, []):
                 allowed[i, start:stop] = True
         self.register_buffer("allowed", allowed, persistent=False)
+        # per modality, the smallest id span holding every id its targets may take
+        ranges = [config.modality_ranges.get(m) or [[0, config.vocab_size]] for m in config.modalities]
+        self.spans = [(min(r[0] for r in rs), max(r[1] for r in rs)) for rs in ranges]
         self.apply(_init_weights)
 
     def modality_index(self, name: str) -> int:
@@ -99,8 +102,10 @@ class EncoderDecoder(nn.Module, Pretrained):
         cache: list[KVCache] | None = None,
         context_kvs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         logits_span: tuple[int, int] | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """Decoder -> logits (B, T, V) restricted to each token's modality range.
+        """Decoder -> logits (B, T, V) restricted to each token's modality range (or, with
+        ``return_hidden``, the normalised hidden states (B, T, dim) before the output layer).
 
         ids: (B, T) [MASK] for image-like targets, shifted tokens for sequence targets;
         modality, causal, valid: (B, T); positions (B, T, 2) or (B, T).
@@ -121,9 +126,47 @@ class EncoderDecoder(nn.Module, Pretrained):
         kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out)
         for i, block in enumerate(self.decoder):
             x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask)
+        if return_hidden:
+            return self.dec_norm(x)
         logits = output_logits(self.lm_head, self.dec_norm(x), logits_span)
         allowed = self.allowed[modality] if logits_span is None else self.allowed[modality][..., logits_span[0] : logits_span[1]]
         return logits.masked_fill(~allowed, float("-inf"))
+
+    def token_losses(self, hidden: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy at the labelled positions only, each over its modality's id span.
+
+        The same values as ``cross_entropy`` of ``decode``'s logits there (whose columns outside the
+        modality are -inf, so they add nothing to the softmax), without the (B, T, V) logits: the
+        output layer runs on the N labelled rows and, per modality, on its span of rows (about a
+        quarter of the vocabulary for an image modality).
+
+        hidden (B, T, dim) from ``decode(..., return_hidden=True)``; modality, labels (B, T), -100
+        ignored. Returns {"ce": (N,), "lse": (N,) logsumexp for the z-loss, "index": (N,) flat
+        positions (into B * T) of the N labelled tokens, grouped by modality}.
+        """
+        flat = (labels != IGNORE_INDEX).reshape(-1)
+        mods = modality.reshape(-1)[flat]
+        order = torch.argsort(mods, stable=True)
+        index = flat.nonzero()[:, 0][order]
+        h = hidden.reshape(-1, hidden.shape[-1])[index]
+        y = labels.reshape(-1)[index]
+        mods = mods[order]
+        ce, lse = [], []
+        start = 0
+        for m, n in zip(*torch.unique_consecutive(mods, return_counts=True)):
+            lo, hi = self.spans[int(m)]
+            rows = slice(start, start + int(n))
+            start += int(n)
+            logits = output_logits(self.lm_head, h[rows], (lo, hi)).float()
+            allowed = self.allowed[int(m), lo:hi]
+            if not bool(allowed.all()):
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            ce.append(F.cross_entropy(logits, y[rows] - lo, reduction="none"))
+            lse.append(torch.logsumexp(logits, dim=-1))
+        if not ce:
+            zero = hidden.sum() * 0.0
+            return {"ce": zero.reshape(0), "lse": zero.reshape(0), "index": index}
+        return {"ce": torch.cat(ce), "lse": torch.cat(lse), "index": index}
 
     def forward(
         self,
@@ -137,10 +180,17 @@ class EncoderDecoder(nn.Module, Pretrained):
         dec_causal: torch.Tensor,
         dec_valid: torch.Tensor,
         labels: torch.Tensor | None = None,
+        loss_labels: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
         """Full pass; ``labels`` (B, T) are the target ids at each decoder position (-100 ignored),
-        already aligned (no shift inside): the objective builds the shifted decoder inputs."""
+        already aligned (no shift inside): the objective builds the shifted decoder inputs.
+
+        ``loss_labels`` (B, T): the training loop's fast path: no logits; instead ``token_losses``
+        at the labelled positions (``out.ce``, ``out.lse``, ``out.index``)."""
         enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid)
+        if loss_labels is not None:
+            hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True)
+            return Seq2SeqOutput(logits=None, loss=None, encoder_out=enc, **self.token_losses(hidden, dec_modality, loss_labels))
         logits = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid)
         loss = None
         if labels is not None:

@@ -312,7 +312,7 @@ def output_logits(head: nn.Module, h: torch.Tensor, span: tuple[int, int] | None
     a span multiplies by a view of a plain ``nn.Linear``'s weight (no copy), else slices."""
     if span is None:
         return head(h)
-    if type(head) is nn.Linear and head.bias is None:
+    if type(head) is nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id"):  # ZeRO-3 weights are gathered by the module's call
         return F.linear(h, head.weight[span[0] : span[1]])
     return head(h)[..., span[0] : span[1]]
 

@@ -17,4 +17,5 @@ class CausalLMOutput(ModelOutput):
 
 
 class Seq2SeqOutput(ModelOutput):
-    """``logits`` (B, T, V), -inf outside each target's modality range; ``loss``; ``encoder_out`` (B, S, dim)."""
+    """``logits`` (B, T, V), -inf outside each target's modality range; ``loss``; ``encoder_out`` (B, S, dim).
+    With ``loss_labels`` instead: ``logits`` None and ``ce``, ``lse``, ``index`` (``EncoderDecoder.token_losses``)."""

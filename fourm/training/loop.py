@@ -38,7 +38,6 @@ from fourm.config import to_dict
 from fourm.models.build import build_model, save_pretrained
 from fourm.models.grow import load_for_vocab
 from fourm.models.decoder import IGNORE_INDEX
-from fourm.models.layers import z_loss
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.training import checkpoint as ckpt
 from fourm.training import run_dir
@@ -133,12 +132,28 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: tor
     keep = labels != IGNORE_INDEX
     picked = logits[keep].float()
     ce = F.cross_entropy(picked, labels[keep], reduction="none")
-    mods = label_modality[keep]
+    return reduce_token_losses(ce, label_modality[keep], torch.logsumexp(picked, dim=-1) if z_weight else None, mode, z_weight)
+
+
+def reduce_token_losses(ce: torch.Tensor, mods: torch.Tensor, lse: torch.Tensor | None, mode: str, z_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
+    """Per-token cross-entropy ce (N,) of modalities mods (N,) -> (loss, per-modality means);
+    ``lse`` (N,): the logsumexp of each token's logits, for the z-loss."""
     per_mod = {int(m): ce[mods == m].mean() for m in torch.unique(mods)}
     loss = torch.stack(list(per_mod.values())).mean() if mode == "modality_mean" else ce.mean()
     if z_weight:
-        loss = loss + z_loss(picked, z_weight)
+        loss = loss + z_weight * lse.pow(2).mean()
     return loss, per_mod
+
+
+def model_loss(engine, batch: dict, labels: torch.Tensor, label_modality: torch.Tensor, arch: str, mode: str, z_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
+    """Forward + loss of one batch, without (B, T, V) logits: the model's ``loss_labels`` path runs
+    the output layer only at labelled positions (the encoder-decoder also only over each
+    modality's id span, where its logits are finite). The same values as ``compute_loss`` on full
+    logits (tested)."""
+    out = engine.forward({**batch, "loss_labels": labels})
+    mods = label_modality.to(out.ce.device)
+    mods = (mods[:, 1:] if arch == "decoder" else mods).reshape(-1)[out.index]
+    return reduce_token_losses(out.ce, mods, out.lse, mode, z_weight)
 
 
 def token_manifest(cfg: TrainConfig) -> dict:
@@ -257,8 +272,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
                 label_modality = batch.pop("label_modality")
                 labels = batch.pop("labels")
                 n_tok = _count_tokens(batch)
-                out_ = engine.forward(batch)
-                loss, per_mod = compute_loss(out_.logits, labels.to(out_.logits.device), label_modality.to(out_.logits.device), arch == "decoder", cfg.loss_mode, z_weight)
+                loss, per_mod = model_loss(engine, batch, labels, label_modality, arch, cfg.loss_mode, z_weight)
                 if step + 1 in faults:
                     loss = loss * float("nan")
                 finite = finite and bool(torch.isfinite(loss.detach()))
