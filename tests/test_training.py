@@ -107,6 +107,17 @@ def test_deepspeed_two_ranks_consolidates(token_dir, tmp_path, stage):
     assert max(float((sharded[k].float() - ours[k].float()).abs().max()) for k in sharded) == 0.0
 
 
+def test_zero3_ranks_with_different_target_modalities(token_dir, tmp_path):
+    """One sample per rank: the ranks' targets cover different modalities, so the loss's output
+    layer must still be gathered the same number of times on each (a ZeRO-3 collective)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "z3b1"
+    args = ["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "6", "--deepspeed", "configs/deepspeed/zero3.json", "--set", "data.num_workers=0", "--set", "ckpt_every=100", *TINY, "--set", "data.batch_size=1"]
+    proc = _torchrun(args, {"DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _metrics(out)[-1]["step"] == 6
+
+
 def test_training_config_errors(token_dir, synth_dir, tmp_path):
     base = ["--config", "configs/train/tiny_encdec.yaml", "--out", str(tmp_path / "x")]
     assert_usage_error(run_program("launch/train.py", *base, "--data", str(token_dir), "--set", "optim.bogus=1"), "bogus")

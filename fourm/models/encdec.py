@@ -151,21 +151,24 @@ class EncoderDecoder(nn.Module, Pretrained):
         h = hidden.reshape(-1, hidden.shape[-1])[index]
         y = labels.reshape(-1)[index]
         mods = mods[order]
+        # ZeRO-3 gathers the output layer at each call: call it exactly once on every rank (ranks
+        # hold different modality groups, and a rank may have none), then slice the columns
+        full = self.lm_head(h) if hasattr(self.lm_head.weight, "ds_id") else None
         ce, lse = [], []
         start = 0
         for m, n in zip(*torch.unique_consecutive(mods, return_counts=True)):
             lo, hi = self.spans[int(m)]
             rows = slice(start, start + int(n))
             start += int(n)
-            logits = output_logits(self.lm_head, h[rows], (lo, hi)).float()
+            logits = (full[rows, lo:hi] if full is not None else output_logits(self.lm_head, h[rows], (lo, hi))).float()
             allowed = self.allowed[int(m), lo:hi]
             if not bool(allowed.all()):
                 logits = logits.masked_fill(~allowed, float("-inf"))
             ce.append(F.cross_entropy(logits, y[rows] - lo, reduction="none"))
             lse.append(torch.logsumexp(logits, dim=-1))
         if not ce:
-            zero = hidden.sum() * 0.0
-            return {"ce": zero.reshape(0), "lse": zero.reshape(0), "index": index}
+            zero = hidden.sum() * 0.0 + (full.sum() * 0.0 if full is not None else 0.0)
+            return {"ce": zero.reshape(1)[:0], "lse": zero.reshape(1)[:0], "index": index}
         return {"ce": torch.cat(ce), "lse": torch.cat(lse), "index": index}
 
     def forward(
