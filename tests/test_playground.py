@@ -50,7 +50,7 @@ def bad(message_part: str, fields: dict, upload: bytes | None = None, limits: Li
 def test_request_checks():
     req = parse({"image_source": "upload", "targets": "caption,depth", "steps": "3", "temperature": "0.5", "cfg": "2", "seed": "7"}, png_bytes(96, 80))
     assert req.inputs["rgb"].shape == (1, 3, 64, 64) and req.inputs["rgb"].dtype == torch.uint8
-    assert req.targets == ["caption", "depth"] and (req.steps, req.temperature, req.cfg_scale, req.seed) == (3, 0.5, 2.0, 7)
+    assert req.targets == ["caption", "depth"] and (req.config.steps, req.config.temperature, req.config.cfg_scale, req.config.seed) == (3, 0.5, 2.0, 7)
     assert req.notes and "96x80" in req.notes[0]
     req = parse({"image_source": "scene", "scene": "3", "use_caption": "1", "caption": " a red cube ", "mode": "independent"})
     assert req.scene_index == 3 and req.inputs["caption"] == ["a red cube"] and req.mode == "independent"

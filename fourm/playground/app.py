@@ -22,9 +22,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fourm.generation.api import GenerationConfig
 from fourm.playground.jobs import JobQueue, QueueFull
 from fourm.playground.requests import BadRequest, Limits, PlaygroundRequest, parse_request
-from fourm.playground.runner import run_request
+from fourm.playground.runner import boxes_text, run_request
 from fourm.playground.scenes import SceneStore
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def create_app(model, tokenizers, *, model_dir: str = "MODEL", scenes: SceneStor
 
     @app.get("/api/info")
     async def info():
+        d = GenerationConfig()
         return {
             "model": model_dir,
             "arch": model.config.arch,
@@ -81,7 +83,7 @@ def create_app(model, tokenizers, *, model_dir: str = "MODEL", scenes: SceneStor
             "scene_seed": scenes.seed,
             "max_upload_mb": limits.max_upload_bytes / 2**20,
             "max_steps": limits.max_steps,
-            "defaults": {"steps": 8, "temperature": 1.0, "cfg": 0.0, "seed": 0, "top_k": 0, "top_p": 1.0},
+            "defaults": {"steps": d.steps, "temperature": d.temperature, "cfg": d.cfg_scale, "seed": d.seed, "top_k": d.top_k, "top_p": d.top_p},
             "chain_preset": {**CHAIN_PRESET, "targets": [t for t in CHAIN_PRESET["targets"] if t in known]},
         }
 
@@ -97,7 +99,7 @@ def create_app(model, tokenizers, *, model_dir: str = "MODEL", scenes: SceneStor
     @app.get("/api/scenes/{index}")
     async def scene_info(index: int):
         s = scene_or_404(index)
-        return {"index": index, "caption": s["caption"], "boxes": "\n".join(" ".join(f"{v:g}" for v in b["bbox"]) + " " + b["label"] for b in s["boxes"])}
+        return {"index": index, "caption": s["caption"], "boxes": boxes_text(s["boxes"])}
 
     @app.post("/api/jobs")
     async def submit(request: Request):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from fourm.data.readers import centre_square_resize
+from fourm.generation.api import GenerationConfig
 
 IMAGE_SOURCES = ("none", "scene", "upload")
 MODES = ("chain", "independent")
@@ -48,12 +49,7 @@ class PlaygroundRequest:
     inputs: dict
     targets: list[str]
     mode: str = "chain"  # chain: each finished target conditions the next; independent: inputs only
-    steps: int = 8
-    temperature: float = 1.0
-    cfg_scale: float = 0.0
-    seed: int = 0
-    top_k: int = 0
-    top_p: float = 1.0
+    config: GenerationConfig = field(default_factory=GenerationConfig)  # the sampling controls
     scene_index: int | None = None  # a held-out scene was the image input
     notes: list[str] = field(default_factory=list)  # what was done to the input (resizing, ...)
 
@@ -190,16 +186,13 @@ def parse_request(fields: dict, upload: bytes | None, *, known: list[str], res: 
     mode = str(fields.get("mode", "chain"))
     if mode not in MODES:
         raise BadRequest(f"mode must be one of {', '.join(MODES)}")
-    return PlaygroundRequest(
-        inputs=inputs,
-        targets=targets,
-        mode=mode,
-        steps=_number(fields, "steps", 8, int, 1, limits.max_steps, "steps"),
-        temperature=_number(fields, "temperature", 1.0, float, 0.0, 5.0, "temperature"),
-        cfg_scale=_number(fields, "cfg", 0.0, float, 0.0, 20.0, "guidance (CFG)"),
-        seed=_number(fields, "seed", 0, int, 0, 2**31 - 1, "seed"),
-        top_k=_number(fields, "top_k", 0, int, 0, 100000, "top-k"),
-        top_p=_number(fields, "top_p", 1.0, float, 0.01, 1.0, "top-p"),
-        scene_index=scene_index,
-        notes=notes,
+    d = GenerationConfig()
+    config = GenerationConfig(
+        steps=_number(fields, "steps", d.steps, int, 1, limits.max_steps, "steps"),
+        temperature=_number(fields, "temperature", d.temperature, float, 0.0, 5.0, "temperature"),
+        cfg_scale=_number(fields, "cfg", d.cfg_scale, float, 0.0, 20.0, "guidance (CFG)"),
+        seed=_number(fields, "seed", d.seed, int, 0, 2**31 - 1, "seed"),
+        top_k=_number(fields, "top_k", d.top_k, int, 0, 100000, "top-k"),
+        top_p=_number(fields, "top_p", d.top_p, float, 0.01, 1.0, "top-p"),
     )
+    return PlaygroundRequest(inputs=inputs, targets=targets, mode=mode, config=config, scene_index=scene_index, notes=notes)

@@ -18,7 +18,7 @@ from fourm.data.normals import normals_to_uint8
 from fourm.data.synth.scene import CLASSES
 from fourm.eval.captions import object_counts, object_match, precision_recall_f1, scene_object_counts
 from fourm.eval.metrics import depth_metrics, matched_box_iou, miou_from_confusion, segmentation_confusion
-from fourm.generation.api import GenerationConfig, generate
+from fourm.generation.api import generate
 from fourm.playground.requests import PlaygroundRequest
 from fourm.viz import colorize_depth, colorize_semseg, draw_boxes, overlay, palette, upscale
 
@@ -42,8 +42,9 @@ def _legend(seg: np.ndarray, num_classes: int) -> list[dict]:
     return [{"name": names[k] if names else f"class {k}", "color": "#%02x%02x%02x" % tuple(int(c) for c in colors[k % len(colors)])} for k in np.unique(seg).tolist()]
 
 
-def _boxes_text(boxes: list[dict]) -> str:
-    return "\n".join(" ".join(f"{v:g}" for v in b["bbox"]) + " " + b["label"] for b in boxes) or "(no boxes)"
+def boxes_text(boxes: list[dict]) -> str:
+    """Boxes as the page's box field takes them: one ``x0 y0 x1 y1 label`` per line."""
+    return "\n".join(" ".join(f"{v:g}" for v in b["bbox"]) + " " + b["label"] for b in boxes)
 
 
 def picture(modality: str, value, base: np.ndarray | None, res: int, num_classes: int = 0, depth_range: tuple[float, float] | None = None) -> dict:
@@ -63,7 +64,7 @@ def picture(modality: str, value, base: np.ndarray | None, res: int, num_classes
         return {"image": png_data_url(upscale(img, SCALE)), "text": None, "legend": _legend(s, num_classes)}
     if modality == "boxes":
         canvas = base if base is not None else np.full((res, res, 3), 255, np.uint8)
-        return {"image": png_data_url(draw_boxes(canvas, value, SCALE)), "text": _boxes_text(value)}
+        return {"image": png_data_url(draw_boxes(canvas, value, SCALE)), "text": boxes_text(value) or "(no boxes)"}
     if modality == "normals":
         return {"image": png_data_url(upscale(normals_to_uint8(value.permute(1, 2, 0).numpy()), SCALE)), "text": None}
     return {"image": None, "text": f"({modality}: no picture for this modality)"}
@@ -96,11 +97,12 @@ def command(model_dir: str, req: PlaygroundRequest, targets: list[str], scene_fi
         parts += ["--from", f"caption={req.inputs['caption'][0]}"]
     if "boxes" in req.inputs:
         parts += ["--from", "boxes=boxes.json"]
-    parts += ["--to", ",".join(targets), "--out", "out", "--steps", str(req.steps), "--temperature", f"{req.temperature:g}", "--cfg", f"{req.cfg_scale:g}", "--seed", str(req.seed)]
-    if req.top_k:
-        parts += ["--top-k", str(req.top_k)]
-    if req.top_p < 1:
-        parts += ["--top-p", f"{req.top_p:g}"]
+    c = req.config
+    parts += ["--to", ",".join(targets), "--out", "out", "--steps", str(c.steps), "--temperature", f"{c.temperature:g}", "--cfg", f"{c.cfg_scale:g}", "--seed", str(c.seed)]
+    if c.top_k:
+        parts += ["--top-k", str(c.top_k)]
+    if c.top_p < 1:
+        parts += ["--top-p", f"{c.top_p:g}"]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -113,33 +115,27 @@ def run_request(model, tokenizers, req: PlaygroundRequest, *, model_dir: str = "
     """
     res = tokenizers.resolution
     num_classes = tokenizers.images["semseg"].config.num_classes if "semseg" in tokenizers.images else 0
-    config = GenerationConfig(steps=req.steps, temperature=req.temperature, cfg_scale=req.cfg_scale, seed=req.seed, top_k=req.top_k, top_p=req.top_p)
-    n = len(req.targets)
-    started: dict[str, float] = {}
-    seconds: dict[str, float] = {}
-    outputs: dict = {}
+    starts: dict[str, float] = {}  # target -> when it started; each ends when the next starts
 
     def on_target(i: int, name: str, offset: int = 0) -> None:
-        now = time.perf_counter()
-        for prev, t0 in started.items():
-            seconds.setdefault(prev, now - t0)
-        started[name] = now
+        starts[name] = time.perf_counter()
         if progress:
-            progress(f"generating {name} ({offset + i + 1} of {n})")
+            progress(f"generating {name} ({offset + i + 1} of {len(req.targets)})")
 
+    scene_file = f"scene-{req.scene_index:05d}.png" if truth else None
     if req.mode == "chain":
-        result = generate(model, tokenizers, req.inputs, req.targets, config, progress=on_target)
+        result = generate(model, tokenizers, req.inputs, req.targets, req.config, progress=on_target)
         outputs = {m: v[0] for m, v in result.outputs.items()}
-        commands = [command(model_dir, req, req.targets, f"scene-{req.scene_index:05d}.png" if truth else None)]
+        commands = [command(model_dir, req, req.targets, scene_file)]
     else:
-        commands = []
+        outputs, commands = {}, []
         for j, target in enumerate(req.targets):
-            result = generate(model, tokenizers, req.inputs, [target], config, progress=lambda i, name, j=j: on_target(i, name, j))
+            result = generate(model, tokenizers, req.inputs, [target], req.config, progress=lambda i, name, j=j: on_target(i, name, j))
             outputs[target] = result.outputs[target][0]
-            commands.append(command(model_dir, req, [target], f"scene-{req.scene_index:05d}.png" if truth else None))
+            commands.append(command(model_dir, req, [target], scene_file))
     end = time.perf_counter()
-    for prev, t0 in started.items():
-        seconds.setdefault(prev, end - t0)
+    ends = [starts[t] for t in req.targets[1:]] + [end]
+    seconds = {t: e - starts[t] for t, e in zip(req.targets, ends)}
 
     base = _hwc(req.inputs["rgb"][0]) if "rgb" in req.inputs else (_hwc(outputs["rgb"]) if "rgb" in outputs else None)
     depth_range = None
@@ -151,10 +147,10 @@ def run_request(model, tokenizers, req: PlaygroundRequest, *, model_dir: str = "
         shown_inputs.append({"modality": name, **picture(name, value[0], base, res, num_classes)})
     shown_outputs = []
     for name in req.targets:
-        card = {"modality": name, "seconds": round(seconds.get(name, 0.0), 2), **picture(name, outputs[name], base, res, num_classes, depth_range)}
+        card = {"modality": name, "seconds": round(seconds[name], 2), **picture(name, outputs[name], base, res, num_classes, depth_range)}
         if truth is not None and name in ("depth", "semseg", "boxes", "caption"):
             gt = truth[name]
             card["truth"] = picture(name, gt, base, res, num_classes, depth_range)
             card["metrics"] = {k: round(float(v), 3) for k, v in truth_metrics(name, outputs[name], truth, num_classes).items()}
         shown_outputs.append(card)
-    return {"inputs": shown_inputs, "outputs": shown_outputs, "notes": req.notes, "commands": commands, "mode": req.mode, "seconds": round(end - min(started.values(), default=end), 2)}
+    return {"inputs": shown_inputs, "outputs": shown_outputs, "notes": req.notes, "commands": commands, "mode": req.mode, "seconds": round(end - starts[req.targets[0]], 2)}
