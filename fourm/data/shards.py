@@ -31,12 +31,18 @@ def open_tar_writer(path: str | os.PathLike) -> wds.TarWriter:
     return wds.TarWriter(str(path), user="fourm", group="fourm", mode=0o444, mtime=0.0)
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temp file and a rename (never half-written)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temp name next to ``path`` (per process), then rename: a kill leaves the
+    old file or the new one, whole."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` via a temp file and a rename (never half-written)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

@@ -35,6 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from fourm.config import to_dict
+from fourm.data.shards import write_text_atomic
 from fourm.models.build import build_model, save_pretrained
 from fourm.models.grow import load_for_vocab
 from fourm.models.decoder import IGNORE_INDEX
@@ -227,7 +228,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         elif engine.is_main:
             log.info("--resume: no checkpoint in %s, starting fresh", out)
     if engine.is_main:
-        run_dir.write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
+        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
         dropped = run_dir.rewind_metrics(out / "metrics.jsonl", step)
         if dropped:
             log.info("metrics.jsonl: %d records after step %d dropped (they are done again)", dropped, step)
@@ -335,7 +336,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     summary["seconds_per_step"] = (time.perf_counter() - start_time) / max(step - start_step, 1)
     summary["peak_rss_mb"] = peak_rss_mb()
     if engine.is_main:
-        run_dir.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

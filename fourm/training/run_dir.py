@@ -6,7 +6,8 @@
   adds them up).
 - ``rewind_metrics``: ``metrics.jsonl`` back to the step a run (re)starts from, so that steps logged
   after the last checkpoint of a killed run are not counted twice; a torn last line is dropped.
-- ``write_atomic``: small files (config, summary) written whole or not at all.
+Small files (config, summary, the rewound log) are written whole or not at all with
+``fourm.data.shards.write_text_atomic``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from fourm.data.shards import write_text_atomic
 
 
 def check_writable(out: Path) -> None:
@@ -81,12 +84,6 @@ def rewind_metrics(path: Path, step: int) -> int:
         else:
             dropped += bool(line.strip())
     if dropped or not text.endswith("\n"):  # no torn line for the next record to run into
-        write_atomic(path, "".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp name next to ``path``, then rename: a kill leaves old or new, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
