@@ -109,12 +109,13 @@ def test_encdec_cached_sequence_equals_recomputation(tok, batch):
         got = generate(model, tok, {"rgb": batch["rgb"][:1]}, ["caption"], GREEDY).ids["caption"][0]
         rgb = tok.encode("rgb", batch["rgb"][:1])[0]
         idx = torch.arange(64)
-        enc = model.encode(rgb[None], torch.full((1, 64), model.modality_index("rgb")), torch.stack([idx // 8, idx % 8], -1)[None], torch.ones(1, 64, dtype=torch.bool))
+        enc_pos = torch.stack([idx // 8, idx % 8], -1)[None]
+        enc = model.encode(rgb[None], torch.full((1, 64), model.modality_index("rgb")), enc_pos, torch.ones(1, 64, dtype=torch.bool))
         seq, allowed, cap = [tok.vocab.bos_id], tok.vocab.allowed_mask("caption"), model.modality_index("caption")
         for _ in range(12):
             n = len(seq)
             p = torch.arange(n)
-            logits = model.decode(enc, torch.ones(1, 64, dtype=torch.bool), torch.tensor([seq]), torch.full((1, n), cap), torch.stack([p, p], -1)[None], torch.ones(1, n, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool))
+            logits = model.decode(enc, torch.ones(1, 64, dtype=torch.bool), torch.tensor([seq]), torch.full((1, n), cap), torch.stack([p, p], -1)[None], torch.ones(1, n, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool), enc_positions=enc_pos)
             nxt = int(logits[0, -1].masked_fill(~allowed, float("-inf")).argmax())
             if nxt == tok.vocab.eos_id:
                 break

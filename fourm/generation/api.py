@@ -169,7 +169,7 @@ def _encoder_rows(model, vocab: SharedVocab, conds: dict[str, list[torch.Tensor]
 
 def _encode_rows(model, rows):
     ids, mod, pos, valid = _pad_rows(rows)
-    return model.encode(ids, mod, pos, valid), valid
+    return model.encode(ids, mod, pos, valid), valid, pos
 
 
 def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
@@ -188,13 +188,13 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list
         rows = _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval))
         if use_cfg:
             rows += _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval), unconditional=True)
-        enc, enc_valid = _encode_rows(model, rows)
+        enc, enc_valid, enc_pos = _encode_rows(model, rows)
         unknown = torch.stack([(~known[i]).nonzero()[:, 0] for i in range(b)])  # (B, U): same U for all
         q = unknown.repeat(2, 1) if use_cfg else unknown
         rb, u = q.shape
         dec_ids = torch.full((rb, u), vocab.mask_id)
         pos = torch.stack([q // g, q % g], -1)
-        logits = model.decode(enc, enc_valid, dec_ids, torch.full((rb, u), mi), pos, torch.zeros(rb, u, dtype=torch.bool), torch.ones(rb, u, dtype=torch.bool), logits_span=(lo, hi))
+        logits = model.decode(enc, enc_valid, dec_ids, torch.full((rb, u), mi), pos, torch.zeros(rb, u, dtype=torch.bool), torch.ones(rb, u, dtype=torch.bool), logits_span=(lo, hi), enc_positions=enc_pos)
         logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
         temp = temperature_at(step, len(counts), cfg.temperature, cfg.temperature_end)
         drawn, conf = sample(logits, temp, cfg.top_k, cfg.top_p, generator)
@@ -218,9 +218,9 @@ def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids) -> l
     rows = _encoder_rows(model, vocab, conds, grids, b, mi)
     if use_cfg:
         rows += _encoder_rows(model, vocab, conds, grids, b, mi, unconditional=True)
-    enc, enc_valid = _encode_rows(model, rows)
+    enc, enc_valid, enc_pos = _encode_rows(model, rows)
     rb = enc.shape[0]
-    cache, kvs = model.new_cache(), model.context_kvs(enc)
+    cache, kvs = model.new_cache(), model.context_kvs(enc, enc_pos)
     token = torch.full((rb, 1), vocab.bos_id)
     out = torch.full((b, cfg.max_len), vocab.pad_id)
     done = torch.zeros(b, dtype=torch.bool)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from fourm.config import load_config
 from fourm.models.decoder import DecoderConfig, DecoderLM
 from fourm.models.encdec import EncDecConfig, EncoderDecoder
 from fourm.vocab import VOCAB_FILE, SharedVocab
+
+log = logging.getLogger(__name__)
 
 ARCHS = {"decoder": (DecoderConfig, DecoderLM), "encdec": (EncDecConfig, EncoderDecoder)}
 CONFIG_FILE = "config.json"
@@ -90,7 +93,11 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> torch
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"no model at {directory}: missing {directory / name}")
-    config = make_config(json.loads((directory / CONFIG_FILE).read_text()))
+    saved = json.loads((directory / CONFIG_FILE).read_text())
+    if saved.get("arch") == "encdec" and "cross_rope" not in saved:  # saved before it existed
+        saved["cross_rope"] = False
+        log.warning("%s was saved before encoder-decoders had RoPE in cross-attention: its image targets are position-blind (one prediction for every position); retrain it", directory)
+    config = make_config(saved)
     model = ARCHS[config.arch][1](config)
     state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
     if "modality_embed.weight" in state:  # the name before models could grow (see grow.py)

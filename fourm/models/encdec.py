@@ -2,10 +2,18 @@
 
 Encoder: token embedding (shared vocabulary) + modality embedding, RoPE positions (2D for
 image-like tokens), bidirectional attention over the visible input tokens of any modalities.
-Decoder: target queries ([MASK] + modality + position) for image-like targets, decoded in
+Decoder: target queries ([MASK] + modality, placed by their RoPE position) for image-like targets,
+decoded in
 parallel; teacher-forced shifted tokens for sequence targets, causal within their modality
-(``masks.modality_decoder_mask``); cross-attention to the encoder; output logits restricted to
+(``masks.modality_decoder_mask``); cross-attention to the encoder, with RoPE on its queries (at
+the target positions) and keys (at the encoder tokens' positions); output logits restricted to
 each target's modality range.
+
+RoPE in cross-attention is what places a [MASK] query: the queries of one image target are
+identical but for their position, so with position-free cross-attention (and self-attention among
+identical values, whose output is the same whatever its weights) every query of a target would get
+the same prediction. With it, a depth query at (row, col) finds the rgb tokens at (row, col) at
+offset 0, as the decoder-only model does in self-attention (both modalities share the 2D grid).
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ class EncDecConfig(TransformerConfig):
     modality_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
     enc_layers: int = 4
     dec_layers: int = 4
+    # RoPE in cross-attention: queries at their positions, keys at the encoder tokens' (see
+    # ``CrossAttention``); False only for models saved before it existed
+    cross_rope: bool = True
 
 
 class EncoderDecoder(nn.Module, Pretrained):
@@ -82,10 +93,16 @@ class EncoderDecoder(nn.Module, Pretrained):
             x = block(x, cos, sin, mask)
         return self.enc_norm(x)
 
-    def context_kvs(self, encoder_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per decoder layer cross-attention keys/values of the encoder output; compute once per
-        generation and pass to ``decode``."""
-        return [block.cross.context_kv(encoder_out) for block in self.decoder]
+    def context_kvs(self, encoder_out: torch.Tensor, enc_positions: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per decoder layer cross-attention keys/values of the encoder output (B, S, dim), keys
+        rotated by the encoder tokens' positions (B, S, 2) or (B, S) with ``cross_rope``; compute
+        once per generation and pass to ``decode``."""
+        rope = None
+        if self.config.cross_rope:
+            if enc_positions is None:
+                raise ValueError("this model's cross-attention uses RoPE: pass the encoder tokens' positions")
+            rope = rope_cos_sin(enc_positions, self.config.rope_inv_freq(enc_positions.device))
+        return [block.cross.context_kv(encoder_out, rope) for block in self.decoder]
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.decoder]
@@ -103,6 +120,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         context_kvs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         logits_span: tuple[int, int] | None = None,
         return_hidden: bool = False,
+        enc_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder -> logits (B, T, V) restricted to each token's modality range (or, with
         ``return_hidden``, the normalised hidden states (B, T, dim) before the output layer).
@@ -111,7 +129,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         modality, causal, valid: (B, T); positions (B, T, 2) or (B, T).
         cache: per-layer self-attention caches for step-by-step decoding of one sequence target
             (every cached token belongs to that target, so the mask is causal over cache + new).
-        context_kvs: from ``context_kvs(encoder_out)``, to skip recomputing them each step.
+        context_kvs: from ``context_kvs(encoder_out, enc_positions)``, to skip recomputing them
+            each step; without them, ``enc_positions`` (B, S, 2) or (B, S) (the encoder tokens'
+            positions) are needed when the model has ``cross_rope``.
         logits_span: (lo, hi): only output rows lo..hi-1 (logits (B, T, hi - lo)); see
             ``SharedVocab.logit_span``.
         """
@@ -123,9 +143,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         else:
             mask = modality_decoder_mask(modality, causal, valid)
         cross_mask = None if bool(enc_valid.all()) else padding_mask(enc_valid)
-        kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out)
+        kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out, enc_positions)
         for i, block in enumerate(self.decoder):
-            x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask)
+            x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask, cross_rope=self.config.cross_rope)
         if return_hidden:
             return self.dec_norm(x)
         logits = output_logits(self.lm_head, self.dec_norm(x), logits_span)
@@ -192,9 +212,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         at the labelled positions (``out.ce``, ``out.lse``, ``out.index``)."""
         enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid)
         if loss_labels is not None:
-            hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True)
+            hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True, enc_positions=enc_positions)
             return Seq2SeqOutput(logits=None, loss=None, encoder_out=enc, **self.token_losses(hidden, dec_modality, loss_labels))
-        logits = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid)
+        logits = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, enc_positions=enc_positions)
         loss = None
         if labels is not None:
             keep = labels != IGNORE_INDEX

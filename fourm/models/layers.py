@@ -224,8 +224,10 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention from queries x to a context (the encoder output); no RoPE (positions live in the
-    context's own self-attention)."""
+    """Attention from queries x to a context (the encoder output). With rotary tables for both
+    (queries at their positions, keys at the context tokens' own), the scores depend on where a
+    query sits relative to each context token, as in self-attention: a target query at (row, col)
+    can find the input tokens at the same place (offset 0)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: str = "none", eps: float = 1e-5, backend: str = "sdpa"):
         super().__init__()
@@ -236,22 +238,30 @@ class CrossAttention(nn.Module):
         self.q_norm = _qk_norm(qk_norm, n_heads, head_dim, eps)
         self.k_norm = _qk_norm(qk_norm, n_kv_heads, head_dim, eps)
 
-    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context (B, S, dim) -> k, v (B, Hkv, S, D); computed once per generation."""
+    def context_kv(self, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context (B, S, dim) -> k, v (B, Hkv, S, D), keys rotated by ``rope`` = the context's
+        (cos, sin) tables (B, S, D) when given; computed once per generation."""
         b, s, _ = context.shape
         k, v = self.wkv(context).chunk(2, dim=-1)
         k = k.view(b, s, self.n_kv_heads, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return k.transpose(1, 2), v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = k.transpose(1, 2)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        return k, v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, dim); kv from ``context_kv``; mask (B, 1, 1 or T, S) -> (B, T, dim)."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, dim); kv from ``context_kv``; mask (B, 1, 1 or T, S); ``rope`` the queries'
+        (cos, sin) tables (B, T, D) when the keys were rotated too -> (B, T, dim)."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        out = attention(q.transpose(1, 2), kv[0], kv[1], mask, self.backend)
+        q = q.transpose(1, 2)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        out = attention(q, kv[0], kv[1], mask, self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -298,11 +308,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, context_kv=None, context_mask=None, cache_position=None) -> torch.Tensor:
-        """x (B, T, dim) -> (B, T, dim)."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, context_kv=None, context_mask=None, cache_position=None, cross_rope: bool = False) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim); ``cross_rope``: rotate the cross-attention queries by
+        (cos, sin) too (their keys were, by ``CrossAttention.context_kv``)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_position)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), context_kv, context_mask)
+            x = x + self.cross(self.cross_norm(x), context_kv, context_mask, (cos, sin) if cross_rope else None)
         return x + self.mlp(self.mlp_norm(x))
 
 
