@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             if "train_encdec" in result:
                 result["loader_vs_training"] = result["loader_samples_per_s"] / result["train_encdec"]["4m"]["samples_per_s"]
         if "zero3" in sections:
-            result["zero3"] = speed.zero3_parameter_memory(tokens, Path(tmp))
+            result["zero3"] = speed.zero3_parameter_memory(tokens, Path(tmp), one_rank_run=not args.tiny)
         if "decoding" in sections:
             result["decoding"] = []
             # --tiny leaves out the compiled step (a one-off compile of ~1 min on 2 cores; its parity
@@ -106,7 +106,7 @@ def print_tables(result: dict) -> None:
         print("tokenizer encode: " + ", ".join(f"{m} {v:.0f} images/s" for m, v in result["tokenizer_images_per_s"].items()) + "\n")
     if "zero3" in result:
         z = result["zero3"]
-        print(f"ZeRO-3 parameters per rank: 1 rank {z['one_rank_bytes'] / 2**20:.2f} MB; 2 ranks " + " / ".join(f"{b / 2**20:.2f}" for b in z["two_ranks_bytes"]) + f" MB ({z['ratio']:.2f} of one rank)\n")
+        print(f"ZeRO-3 parameters per rank: 1 rank {z['one_rank_bytes'] / 2**20:.2f} MB ({z['one_rank']}); 2 ranks " + " / ".join(f"{b / 2**20:.2f}" for b in z["two_ranks_bytes"]) + f" MB ({z['ratio']:.2f} of one rank)\n")
     if "decoding" in result:
         rows = [[f"decoder_tiny {r['dtype']}, greedy, batch {r['batch']}, {r['new_tokens']} new tokens", "compiled" if r["compiled"] else "eager", f"{r['ours_tokens_per_s']:.0f}", f"{r['hf_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['first_call_s']:.1f}"] for r in result["decoding"]]
         print(markdown_table(["decoding (tokens/s), both models in the same dtype", "fourm step", "fourm", "HF generate", "ratio", "fourm first call (s)"], rows))

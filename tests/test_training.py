@@ -89,9 +89,13 @@ def test_ddp_two_ranks(token_dir, tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_ranks_consolidates(token_dir, tmp_path, stage):
+    """Two ranks learn and write one consolidated model. Under ZeRO-3 with one sample per rank:
+    the ranks' targets then cover different modalities, so the loss's output layer must still be
+    gathered the same number of times on each (a ZeRO-3 collective; this hung before)."""
     pytest.importorskip("deepspeed")
     out = tmp_path / f"z{stage}"
-    proc = _torchrun(["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "20", "--deepspeed", f"configs/deepspeed/zero{stage}.json", "--set", "data.num_workers=0", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "ckpt_every=20", *TINY], {"DS_ACCELERATOR": "cpu"})
+    batch = ["--set", "data.batch_size=1"] if stage == 3 else []
+    proc = _torchrun(["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "20", "--deepspeed", f"configs/deepspeed/zero{stage}.json", "--set", "data.num_workers=0", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "ckpt_every=20", *TINY, *batch], {"DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = _metrics(out)
     assert m[-1]["step"] == 20 and m[-1]["loss"] < 0.9 * m[0]["loss"]
@@ -105,17 +109,11 @@ def test_deepspeed_two_ranks_consolidates(token_dir, tmp_path, stage):
     ours = {k: v.detach() for k, v in final.state_dict().items()}
     assert set(sharded) <= set(ours)
     assert max(float((sharded[k].float() - ours[k].float()).abs().max()) for k in sharded) == 0.0
-
-
-def test_zero3_ranks_with_different_target_modalities(token_dir, tmp_path):
-    """One sample per rank: the ranks' targets cover different modalities, so the loss's output
-    layer must still be gathered the same number of times on each (a ZeRO-3 collective)."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "z3b1"
-    args = ["--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "6", "--deepspeed", "configs/deepspeed/zero3.json", "--set", "data.num_workers=0", "--set", "ckpt_every=100", *TINY, "--set", "data.batch_size=1"]
-    proc = _torchrun(args, {"DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _metrics(out)[-1]["step"] == 6
+    summary = json.loads((out / "summary.json").read_text())
+    whole = sum(p.numel() * p.element_size() for p in final.parameters())
+    assert summary["parameter_bytes_whole"] == whole  # what one rank alone holds (bench.py --tiny's one-rank figure)
+    if stage == 3:
+        assert 0.4 < max(summary["parameter_bytes_per_rank"]) / whole < 0.75
 
 
 def test_training_config_errors(token_dir, synth_dir, tmp_path):

@@ -151,8 +151,11 @@ class Engine:
             self.runnable = runnable
         self.zero_stage = int((deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0)) if kind == "deepspeed" else 0
 
-    def parameter_bytes(self) -> int:
-        """Bytes of model parameters this rank holds (its ZeRO-3 partition under stage 3)."""
+    def parameter_bytes(self, whole: bool = False) -> int:
+        """Bytes of model parameters this rank holds (its ZeRO-3 partition under stage 3), or with
+        ``whole`` those of the whole model (what one rank alone would hold)."""
+        if whole:
+            return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.module.parameters())
         return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in self.module.parameters())
 
     @property

@@ -328,7 +328,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     counts = _data_counts(stream, bad_steps)
     if engine.is_main:
         log.info("data: skipped samples: %s; optimizer steps skipped (non-finite): %d", stream.skipped.report(), bad_steps)
-    summary = {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind, "parameter_bytes_per_rank": param_bytes}
+    summary = {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind, "parameter_bytes_per_rank": param_bytes, "parameter_bytes_whole": engine.parameter_bytes(whole=True)}
     summary["bad_steps"] = bad_steps
     summary["skipped"] = {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")}
     summary["repaired"] = {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("repaired/")}
