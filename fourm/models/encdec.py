@@ -3,8 +3,7 @@
 Encoder: token embedding (shared vocabulary) + modality embedding, RoPE positions (2D for
 image-like tokens), bidirectional attention over the visible input tokens of any modalities.
 Decoder: target queries ([MASK] + modality, placed by their RoPE position) for image-like targets,
-decoded in
-parallel; teacher-forced shifted tokens for sequence targets, causal within their modality
+decoded in parallel; teacher-forced shifted tokens for sequence targets, causal within their modality
 (``masks.modality_decoder_mask``); cross-attention to the encoder, with RoPE on its queries (at
 the target positions) and keys (at the encoder tokens' positions); output logits restricted to
 each target's modality range.
