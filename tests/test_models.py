@@ -398,7 +398,6 @@ def test_from_pretrained_checks_the_class(tmp_path):
         DecoderLM.from_pretrained(tmp_path / "e")
 
 
-
 # -- placing the encoder-decoder's [MASK] queries: RoPE in cross-attention ---------------------------
 def _copy_task(model: EncoderDecoder, classes: int, g: int = 3, n: int = 16):
     """rgb tokens (of ``classes`` kinds) on a g x g grid in; at each place, the depth token with

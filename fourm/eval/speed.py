@@ -264,7 +264,7 @@ def zero3_parameter_memory(tokens_dir: Path, work: Path, timeout: float = 600, o
     import sys
 
     repo = Path(__file__).resolve().parents[2]
-    out = {}
+    summaries = {}
     for n in (1, 2) if one_rank_run else (2,):
         run_dir = Path(work) / f"zero3_{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29400 + os.getpid() % 500 + n), str(repo / "launch" / "train.py"),
@@ -273,7 +273,7 @@ def zero3_parameter_memory(tokens_dir: Path, work: Path, timeout: float = 600, o
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=repo)
         if proc.returncode != 0:
             raise RuntimeError(f"ZeRO-3 run with {n} rank(s) failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        out[n] = summary["parameter_bytes_per_rank"]
-    one = out[1][0] if one_rank_run else summary["parameter_bytes_whole"]
-    return {"one_rank_bytes": one, "one_rank": "measured" if one_rank_run else "whole model in the 2-rank run", "two_ranks_bytes": out[2], "ratio": max(out[2]) / one}
+        summaries[n] = json.loads((run_dir / "summary.json").read_text())
+    two = summaries[2]["parameter_bytes_per_rank"]
+    one = summaries[1]["parameter_bytes_per_rank"][0] if one_rank_run else summaries[2]["parameter_bytes_whole"]
+    return {"one_rank_bytes": one, "one_rank": "measured" if one_rank_run else "whole model in the 2-rank run", "two_ranks_bytes": two, "ratio": max(two) / one}
