@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", type=positive_int, default=64)
     p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps per image target")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--judge-steps", type=positive_int, default=400)
+    p.add_argument("--judge-steps", type=positive_int, default=None, help="judge segmenter training steps (default: JudgeConfig's)")
+    p.add_argument("--judge-minutes", type=float, default=None, help="judge segmenter training time cap (default: JudgeConfig's)")
     p.add_argument("--directions", default=None, help=f"comma-separated directions (default: {','.join(DIRECTIONS)}); also {', '.join(EXTRA_DIRECTIONS)} for models that have them")
     args = p.parse_args(argv)
     setup_logging()
@@ -48,7 +49,11 @@ def main(argv=None) -> int:
         raise UsageError(str(exn)) from None
     directions = tuple(d.strip() for d in args.directions.split(",") if d.strip()) if args.directions else DIRECTIONS
     try:
-        config = EvalConfig(scenes=args.scenes, steps=args.steps, batch_size=args.batch_size, directions=directions, judge=JudgeConfig(steps=args.judge_steps))
+        judge_config = JudgeConfig(**{k: v for k, v in (("steps", args.judge_steps), ("max_minutes", args.judge_minutes)) if v is not None})
+    except ValueError as exn:
+        raise UsageError(f"--judge-steps/--judge-minutes: {exn}") from None
+    try:
+        config = EvalConfig(scenes=args.scenes, steps=args.steps, batch_size=args.batch_size, directions=directions, judge=judge_config)
     except ValueError as exn:
         raise UsageError(f"--directions: {exn}") from None
     judge = None
