@@ -92,14 +92,21 @@ STAGES = ("data", "inspect", "tokenizers", "pretokenize", "train", "evaluate", "
 
 
 def scale_to_budget(config: DemoConfig, minutes: float) -> DemoConfig:
-    """Shrink the stages for a budget below the 30 minutes the defaults are sized for."""
-    factor = min(1.0, max(minutes, 0.5) / 30.0)
+    """Scale the timed stages (tokenizers, model, judge) to a budget other than the 30 minutes the
+    defaults are sized for. Below 30 minutes fewer scenes are rendered; above it, more (the model
+    sees more samples) and the step caps rise with the time, so a longer budget is used."""
+    factor = max(minutes, 0.5) / 30.0
     config.tokenizers.minutes *= factor
     config.train.minutes *= factor
     config.eval.judge_minutes *= factor
     if factor < 1.0:
         config.data.train_scenes = max(min(100, config.data.train_scenes), int(config.data.train_scenes * factor))
         config.data.val_scenes = max(min(16, config.data.val_scenes), int(config.data.val_scenes * min(1.0, factor * 2)))
+    elif factor > 1.0:
+        config.data.train_scenes = int(config.data.train_scenes * factor)
+        config.tokenizers.max_steps = int(config.tokenizers.max_steps * factor)
+        config.train.max_steps = int(config.train.max_steps * factor)
+        config.eval.judge_steps = int(config.eval.judge_steps * factor)
     return config
 
 

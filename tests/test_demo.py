@@ -54,3 +54,19 @@ def test_demo_decoder_variant_and_stage_selection(tmp_path):
     proc = run_program("launch/demo.py", "--out", str(out), "--set", "model=decoder", "--set", "stages=[data,inspect]", "--set", "data.train_scenes=20", "--set", "data.val_scenes=8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert set(json.loads((out / "report.json").read_text())["stages"]) == {"data", "inspect"}
+
+
+def test_demo_budget_scales_stages_both_ways():
+    from fourm.demo import DemoConfig, scale_to_budget
+
+    base = DemoConfig()
+    same = scale_to_budget(DemoConfig(), 30)
+    assert (same.train.minutes, same.data.train_scenes, same.train.max_steps) == (base.train.minutes, base.data.train_scenes, base.train.max_steps)
+    short = scale_to_budget(DemoConfig(), 15)
+    assert short.train.minutes == base.train.minutes / 2 and short.data.train_scenes == base.data.train_scenes // 2
+    assert short.train.max_steps == base.train.max_steps  # a cap, not a target: unchanged below 30 minutes
+    long = scale_to_budget(DemoConfig(), 90)
+    assert long.train.minutes == 3 * base.train.minutes and long.tokenizers.minutes == 3 * base.tokenizers.minutes
+    assert long.eval.judge_minutes == 3 * base.eval.judge_minutes and long.data.train_scenes == 3 * base.data.train_scenes
+    assert (long.train.max_steps, long.tokenizers.max_steps, long.eval.judge_steps) == (3 * base.train.max_steps, 3 * base.tokenizers.max_steps, 3 * base.eval.judge_steps)
+    assert long.data.val_scenes == base.data.val_scenes
