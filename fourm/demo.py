@@ -232,8 +232,30 @@ def write_report(out: Path, config: DemoConfig, stages: dict, seconds: float) ->
     (out / "report.md").write_text("\n".join(lines))
 
 
+def _check_model_kind(config: DemoConfig, out: Path) -> None:
+    """UsageError when ``out`` already holds a model (or a training run) of the other architecture:
+    reusing it would report the wrong model, retraining would overwrite it."""
+    from fourm.cli import UsageError
+
+    for path in (out / "model" / "config.json", out / "train" / "final" / "config.json"):
+        try:
+            arch = json.loads(path.read_text()).get("arch")
+        except (OSError, ValueError):
+            continue
+        if arch and arch != config.model:
+            raise UsageError(f"{out} holds a model of arch {arch!r}, not {config.model!r}: use another output directory (copy data/, tokenizers/, tokens/ and judge/ there to reuse them) or remove {out / 'model'} and {out / 'train'}")
+    other = "decoder" if config.model == "encdec" else "encdec"
+    try:  # an unfinished run: its preset is the demo's <arch>_tiny.yaml
+        preset = Path(json.loads((out / "train" / "config.json").read_text()).get("model_preset") or "").name
+    except (OSError, ValueError):
+        preset = ""
+    if preset.startswith(f"{other}_"):
+        raise UsageError(f"{out / 'train'} is an unfinished {other} training run, not {config.model}: use another output directory or remove it")
+
+
 def run_demo(config: DemoConfig, out: Path) -> dict:
     """Run every stage into ``out``; returns the report dict."""
+    _check_model_kind(config, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     start = time.perf_counter()

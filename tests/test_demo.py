@@ -54,6 +54,12 @@ def test_demo_decoder_variant_and_stage_selection(tmp_path):
     proc = run_program("launch/demo.py", "--out", str(out), "--set", "model=decoder", "--set", "stages=[data,inspect]", "--set", "data.train_scenes=20", "--set", "data.val_scenes=8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert set(json.loads((out / "report.json").read_text())["stages"]) == {"data", "inspect"}
+    # an output directory holding the other architecture's model is refused, not reused or overwritten
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text(json.dumps({"arch": "encdec"}))
+    proc = run_program("launch/demo.py", "--out", str(out), "--set", "model=decoder", "--set", "stages=[data]", "--set", "data.train_scenes=20", "--set", "data.val_scenes=8")
+    assert proc.returncode == 2 and "holds a model of arch 'encdec', not 'decoder'" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert (out / "model" / "config.json").read_text() == json.dumps({"arch": "encdec"})
 
 
 def test_demo_budget_scales_stages_both_ways():
