@@ -187,11 +187,12 @@ def find_objects(rgb: np.ndarray, seg: np.ndarray, min_pixels: int = 8, color_sh
     """Objects in a segmentation: rgb (H, W, 3) uint8, seg (H, W) class ids ->
     [{"shape", "color", "cx", "bottom", "pixels"}].
 
-    Instances: each connected foreground region (any shape class) is split by pixel colour
-    (touching objects of different colours), then by shape class only where each shape holds a
-    large part (>= 30%) of it (touching objects of one colour); otherwise its shape is the
-    majority of its pixels' classes, so a few mislabelled pixels neither invent an object nor
-    split one. Parts under ``min_pixels`` (or 10% of their region) are noise.
+    Instances: each connected foreground region (any shape class) is split by pixel colour into
+    parts of at least ``color_share`` of it (touching objects of different colours), then by
+    shape class only where each shape holds at least ``shape_share`` of the part (touching
+    objects of one colour); otherwise its shape is the majority of its pixels' classes, so a few
+    mislabelled pixels neither invent an object nor split one. Parts under ``min_pixels`` are
+    noise.
     """
     from scipy import ndimage
 

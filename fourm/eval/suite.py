@@ -12,9 +12,10 @@ and rgb -> count (exact match of the generated integer).
 
 Ceilings: the tokenizers alone (encode -> decode of the ground truth; for caption -> rgb, the
 judge on the rgb tokenizer's round trip of the true images), and apart from it
-(``caption_to_rgb_true_images``) the judge on the true images themselves, its own accuracy. Floors: per-pixel mean depth, per-pixel majority class and per-pixel mean normal
-(renormalised) of the training split, no boxes, the training split's most common object as the
-caption and its most common count, and the judge on true images of *other* scenes.
+(``caption_to_rgb_true_images``) the judge on the true images themselves, its own accuracy.
+Floors: per-pixel mean depth, per-pixel majority class and per-pixel mean normal (renormalised)
+of the training split, no boxes, the training split's most common object as the caption and its
+most common count, and the judge on true images of *other* scenes.
 """
 
 from __future__ import annotations
@@ -199,7 +200,6 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
         report["model"][direction] = score[target](out[target])
         # ceiling: the tokenizer alone, encode -> decode of the truth
         report["ceiling"][direction] = score[target](tokenizers.decode(target, tokenizers.encode(target, data[target], image_size=hw), image_size=hw))
-    round_trip = None
     if "rgb" in out:
         round_trip = torch.stack(tokenizers.decode("rgb", tokenizers.encode("rgb", data["rgb"])))
         report["ceiling"]["rgb_tokenizer_psnr"] = float(psnr(round_trip.float(), data["rgb"].float()).mean())
