@@ -95,10 +95,11 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
     )
 
 
-def prefix_plans(tokens: dict[str, np.ndarray], kinds: dict[str, str], rng: np.random.Generator, n_condition: int | None = None) -> list[ModalityPlan]:
-    """Whole modalities as condition or target for the encoder-decoder: a random order, the first
-    ``n_condition`` (random in [0, M-1] when None) fully visible, the rest fully predicted."""
-    names = [list(tokens)[i] for i in rng.permutation(len(tokens))]
+def prefix_plans(tokens: dict[str, np.ndarray], kinds: dict[str, str], rng: np.random.Generator, n_condition: int | None = None, shuffle: bool = True) -> list[ModalityPlan]:
+    """Whole modalities as condition or target for the encoder-decoder: a random order (``tokens``'
+    own with ``shuffle=False``), the first ``n_condition`` (random in [0, M-1] when None) fully
+    visible, the rest fully predicted."""
+    names = [list(tokens)[i] for i in rng.permutation(len(tokens))] if shuffle else list(tokens)
     k = int(rng.integers(0, len(names))) if n_condition is None else n_condition
     plans = []
     for j, m in enumerate(names):
@@ -126,11 +127,11 @@ class DecoderExample:
     prefix_len: int
 
 
-def decoder_example(tokens: dict[str, np.ndarray], vocab: SharedVocab, grids: dict[str, int], rng: np.random.Generator, n_condition: int = 0, drop_condition: bool = False) -> DecoderExample:
-    """Modalities in a random order as one sequence; the first ``n_condition`` are the PrefixLM
-    condition (0: plain next-token). Loss on target content tokens and their end tags; begin tags
-    are given at inference, so they carry no loss."""
-    names = [list(tokens)[i] for i in rng.permutation(len(tokens))]
+def decoder_example(tokens: dict[str, np.ndarray], vocab: SharedVocab, grids: dict[str, int], rng: np.random.Generator, n_condition: int = 0, drop_condition: bool = False, shuffle: bool = True) -> DecoderExample:
+    """Modalities in a random order (``tokens``' own with ``shuffle=False``) as one sequence; the
+    first ``n_condition`` are the PrefixLM condition (0: plain next-token). Loss on target content
+    tokens and their end tags; begin tags are given at inference, so they carry no loss."""
+    names = [list(tokens)[i] for i in rng.permutation(len(tokens))] if shuffle else list(tokens)
     condition, targets = names[:n_condition], names[n_condition:]
     if drop_condition:
         condition = []
