@@ -13,13 +13,12 @@ tokens (content and, for sequences, the end token), in nats.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fourm.models.decoder import IGNORE_INDEX
 from fourm.objectives.builders import collate_decoder, collate_encdec, decoder_example, encdec_example, prefix_plans
 from fourm.vocab import SharedVocab
 
@@ -41,12 +40,11 @@ def _batch(model, pairs: list[tuple[dict, dict]], vocab: SharedVocab, grids: dic
 
 @torch.no_grad()
 def target_loss(model, batch: dict) -> tuple[float, int]:
-    """Summed cross-entropy (nats) over the labelled tokens of a collated batch, and their count."""
-    logits, labels = model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"]
-    if model.config.arch != "encdec":  # logits[:, t] predicts labels[:, t + 1]
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    keep = labels != IGNORE_INDEX
-    return float(F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")), int(keep.sum())
+    """Summed cross-entropy (nats) over the labelled tokens of a collated batch, and their count:
+    the models' own per-token losses (``loss_labels``, the training loop's path; the decoder-only
+    model shifts the labels itself), without (B, T, V) logits."""
+    ce = model(**{k: v for k, v in batch.items() if k != "labels"}, loss_labels=batch["labels"]).ce
+    return float(ce.sum()), int(ce.numel())
 
 
 def condition_gap(model, samples: list[dict[str, np.ndarray]], vocab: SharedVocab, grids: dict[str, int], kinds: dict[str, str], source: str = "rgb", target: str = "caption", shift: int = 1, batch_size: int = 32) -> dict:
@@ -55,6 +53,14 @@ def condition_gap(model, samples: list[dict[str, np.ndarray]], vocab: SharedVoca
 
     Returns {"own", "other", "gap" (= other - own; > 0 when the condition is read), "samples"}.
     """
+    order = getattr(model.config, "modalities", None)  # the encoder-decoder's modality indices
+    if order and list(vocab.modalities) != list(order):
+        # examples index modalities in the vocabulary's order, the model in its own: a model built
+        # from a tokenizer set keeps the set's order, while token manifests list modalities sorted
+        missing = [m for m in (source, target) if m not in order]
+        if missing:
+            raise ValueError(f"the model has no {', '.join(missing)} modality; it has {', '.join(order)}")
+        vocab = dataclasses.replace(vocab, modalities={m: vocab.modalities[m] for m in order if m in vocab.modalities})
     usable = [s for s in samples if source in s and target in s]
     if len(usable) < 2:
         raise ValueError(f"need at least 2 samples with both {source} and {target}, got {len(usable)}")
