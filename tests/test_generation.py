@@ -208,14 +208,26 @@ def test_generate_program_bad_input(model_dir, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_compiled_decoding_step_equals_eager(tok, batch):
-    """GenerationConfig(compile=True) (torch.compile with frozen weights) draws the same greedy
-    tokens as the eager step, and compiles again after the weights change."""
+def test_compiled_decoding_step_equals_eager(tok, batch, monkeypatch):
+    """GenerationConfig(compile=True) (torch.compile with frozen weights, max-autotuned GEMMs)
+    gives the eager step's logits at every step (to 1e-4; the rgb span starts past id 0, the case
+    Inductor's C++ GEMM template got wrong) and the same greedy tokens, and compiles again after
+    the weights change."""
+    from fourm.generation import api
     from fourm.generation import compiled as compiled_step
 
+    logits = {}
+    for name in ("decode_step", "compiled_decode_step"):
+        def recording(*args, _step=getattr(api, name), _log=logits.setdefault(name, [])):
+            out = _step(*args)
+            _log.append(out.detach().clone())
+            return out
+        monkeypatch.setattr(api, name, recording)
     model = _model(tok, "decoder")
     eager = generate(model, tok, {"caption": batch["caption"][:2]}, ["rgb"], GREEDY).ids["rgb"]
     compiled = generate(model, tok, {"caption": batch["caption"][:2]}, ["rgb"], GenerationConfig(temperature=0.0, compile=True)).ids["rgb"]
+    assert tok.vocab.logit_span("rgb")[0] > 0 and len(logits["compiled_decode_step"]) == len(logits["decode_step"]) == 63
+    assert max((a - b).abs().max().item() for a, b in zip(logits["decode_step"], logits["compiled_decode_step"])) < 1e-4
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
     assert not compiled_step.status["failed"] and compiled_step.status["compiled_steps"] >= 63
     with torch.no_grad():

@@ -317,6 +317,13 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+# Set by compiled decoding (fourm.generation.compiled) while it traces: Inductor's C++ GEMM template
+# (max-autotune over frozen weights, torch 2.13) ignores the storage offset of a constant weight that
+# is a row slice of another, so a span's rows starting past 0 gave wrong logits; gathered with
+# index_select they are a tensor of their own, which freezing folds into one constant.
+GATHER_SPAN_WEIGHT = False
+
+
 def output_logits(head: nn.Module, h: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
     """The output layer on h (..., dim) -> (..., V), or only its rows lo..hi-1 of ``span`` ->
     (..., hi - lo). The full pass calls the module (so ZeRO-3 gathering and peft wrappers apply);
@@ -324,6 +331,8 @@ def output_logits(head: nn.Module, h: torch.Tensor, span: tuple[int, int] | None
     if span is None:
         return head(h)
     if type(head) is nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id"):  # ZeRO-3 weights are gathered by the module's call
+        if GATHER_SPAN_WEIGHT:
+            return F.linear(h, head.weight.index_select(0, torch.arange(span[0], span[1], device=h.device)))
         return F.linear(h, head.weight[span[0] : span[1]])
     return head(h)[..., span[0] : span[1]]
 
