@@ -5,7 +5,7 @@
 
 Sections: ``peak`` (a large bf16 and fp32 matmul: the ceiling MFU is read against); ``train``
 (decoder-only step vs ``transformers.LlamaForCausalLM`` of the identical shape on the same batch,
-bf16 autocast both where the CPU has native bf16, else fp32 both; the encoder-decoder step with the 4M objective and with plain next-token);
+bf16 autocast both where the CPU has native bf16, else fp32 both; eager, and both compiled; the encoder-decoder step with the 4M objective and with plain next-token);
 ``data`` (the token-shard reader's samples/s vs the training step's consumption; image tokenizer
 encode rates); ``zero3`` (parameter bytes per rank under DeepSpeed ZeRO-3 with 1 and 2 CPU ranks);
 ``decoding`` (KV-cache decoding, eager and compiled, vs HF ``generate`` on the same
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
             log.info("matmul peak: %s", result["peak"])
         if "train" in sections:
             peak = result["peak"]["bf16_tflops" if native else "fp32_tflops"]
-            result["train_decoder_vs_hf"] = speed.training_vs_hf(tokens, peak, r, batch_size=4 if args.tiny else 16)
+            # eager, and (not --tiny: minutes of compiling) both compiled, the four taking turns
+            result["train_decoder_vs_hf"] = speed.training_vs_hf(tokens, peak, r, batch_size=4 if args.tiny else 16, compile=not args.tiny)
             result["train_encdec"] = speed.training_encdec(tokens, peak, r, batch_size=4 if args.tiny else 32)
         if "data" in sections:
             result["loader_samples_per_s"] = speed.loader_samples_per_s(tokens, batches=3 if args.tiny else 30, batch_size=4 if args.tiny else 32)
@@ -96,6 +97,9 @@ def print_tables(result: dict) -> None:
     if "train_decoder_vs_hf" in result:
         t = result["train_decoder_vs_hf"]
         rows = [[f"decoder_tiny, batch {t['batch']} x {t['seq_len']}", f"{t['ours_tokens_per_s']:.0f}", f"{t['hf_tokens_per_s']:.0f}", f"{t['speedup']:.2f}x", f"{100 * t['ours_mfu']:.1f}% / {100 * t['hf_mfu']:.1f}%"]]
+        if "compiled" in t:
+            c = t["compiled"]
+            rows.append([f"decoder_tiny, both torch.compile'd (fourm compiled / HF eager: {c['speedup_vs_hf_eager']:.2f}x)", f"{c['ours_tokens_per_s']:.0f}", f"{c['hf_tokens_per_s']:.0f}", f"{c['speedup']:.2f}x", f"{100 * c['ours_mfu']:.1f}% / {100 * c['hf_mfu']:.1f}%"])
         for name, e in result["train_encdec"].items():
             rows.append([f"encdec_tiny, {name}, batch {e['batch']}", f"{e['tokens_per_s']:.0f}", "", "", f"{100 * e['mfu']:.1f}%"])
         dtype = "bf16 autocast" if result.get("peak", {}).get("bf16_native", True) else "fp32 (no native bf16)"

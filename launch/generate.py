@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--scheme", default="auto", choices=["auto", "maskgit", "roar", "autoregressive"])
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype for inference (bfloat16: half the memory traffic)")
-    p.add_argument("--compile", action="store_true", help="decoder-only: torch.compile the decoding step (a one-off ~15-30 s; pays off for long or many generations)")
+    p.add_argument("--compile", action="store_true", help="decoder-only: torch.compile the decoding step (a one-off ~50 s on 2 cores; pays off for long or many generations)")
     args = p.parse_args(argv)
     setup_logging()
     if args.temperature < 0 or not 0 < args.top_p <= 1:

@@ -184,9 +184,11 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch_size: int = 16, overrides: tuple = ("qk_norm=none",)) -> dict:
+def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch_size: int = 16, overrides: tuple = ("qk_norm=none",), compile: bool = False) -> dict:
     """Decoder-only training step, ours vs ``transformers.LlamaForCausalLM`` of the identical shape
-    (the same weights through the Llama export), same batch, bf16 autocast both: tokens/s, MFU."""
+    (the same weights through the Llama export), same batch, bf16 autocast both: tokens/s, MFU.
+    ``compile``: also both through ``torch.compile`` (the training loop's ``compile: true``), the
+    four steps taking turns (the one-off compiles happen in the untimed warm-up) -> ``compiled``."""
     from fourm.models.hf import to_hf
 
     cfg, vocab, data = _stream(tokens_dir, "configs/train/tiny_decoder.yaml", [f"data.batch_size={batch_size}", "data.num_workers=0"])
@@ -195,20 +197,30 @@ def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch
     model = build_model(cfg.model_spec(), vocab=vocab, overrides=list(overrides)).train()
     hf = to_hf(model).train()
     hf_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
 
-    def hf_step():
-        with autocast("cpu"):
-            loss = hf(**hf_batch).loss
-        loss.backward()
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
+    def hf_step_fn(module):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
-    ours_step = _step_fn(model, batch, shift=True)
-    ours, theirs = _best_interleaved([ours_step, hf_step], repeats)
+        def step():
+            with autocast("cpu"):
+                loss = module(**hf_batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    ours_step, hf_step = _step_fn(model, batch, shift=True), hf_step_fn(hf)
+    steps = [ours_step, hf_step] + ([_step_fn(torch.compile(model), batch, shift=True), hf_step_fn(torch.compile(hf))] if compile else [])
+    times = _best_interleaved(steps, repeats)
     n = int(batch["attention_mask"].sum())
-    flops = _flops(ours_step)
-    return {"batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": n, "ours_tokens_per_s": n / ours, "hf_tokens_per_s": n / theirs, "speedup": theirs / ours, "ours_mfu": flops / ours / (peak_tflops * 1e12), "hf_mfu": _flops(hf_step) / theirs / (peak_tflops * 1e12)}
+    flops, hf_flops = _flops(ours_step), _flops(hf_step)  # the eager steps: compiling leaves the FLOPs as they are
+    out = {"batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": n, "ours_tokens_per_s": n / times[0], "hf_tokens_per_s": n / times[1], "speedup": times[1] / times[0],
+           "ours_mfu": flops / times[0] / (peak_tflops * 1e12), "hf_mfu": hf_flops / times[1] / (peak_tflops * 1e12)}
+    if compile:
+        out["compiled"] = {"ours_tokens_per_s": n / times[2], "hf_tokens_per_s": n / times[3], "speedup": times[3] / times[2], "speedup_vs_hf_eager": times[1] / times[2],
+                           "ours_mfu": flops / times[2] / (peak_tflops * 1e12), "hf_mfu": hf_flops / times[3] / (peak_tflops * 1e12)}
+    return out
 
 
 def training_encdec(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch_size: int = 32) -> dict:
