@@ -152,6 +152,18 @@ def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
     return cfg, vocab, iter(make_loader(TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective)))
 
 
+def _optimizer_step(module, loss_fn):
+    """A training step of ``module``: ``loss_fn()``, backward, AdamW, gradients cleared."""
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def step():
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _step_fn(model, batch: dict, shift: bool):
     """One training step (forward, loss, backward, AdamW) as the training loop does it: bf16
     autocast where native, the encoder-decoder's loss on its fast path (``loop.model_loss``)."""
@@ -159,20 +171,13 @@ def _step_fn(model, batch: dict, shift: bool):
 
     from fourm.training.loop import model_loss
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_modality")}
 
     def forward(b):
         with autocast("cpu"):
             return model(**b)
 
-    def step():
-        loss, _ = model_loss(SimpleNamespace(forward=forward), inputs, batch["labels"], batch["label_modality"], "decoder" if shift else "encdec", "token_mean", 0.0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return _optimizer_step(model, lambda: model_loss(SimpleNamespace(forward=forward), inputs, batch["labels"], batch["label_modality"], "decoder" if shift else "encdec", "token_mean", 0.0)[0])
 
 
 def _flops(fn) -> float:
@@ -199,16 +204,11 @@ def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch
     hf_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
 
     def hf_step_fn(module):
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
-
-        def step():
+        def loss():
             with autocast("cpu"):
-                loss = module(**hf_batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                return module(**hf_batch).loss
 
-        return step
+        return _optimizer_step(module, loss)
 
     ours_step, hf_step = _step_fn(model, batch, shift=True), hf_step_fn(hf)
     steps = [ours_step, hf_step] + ([_step_fn(torch.compile(model), batch, shift=True), hf_step_fn(torch.compile(hf))] if compile else [])
