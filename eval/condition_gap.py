@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     from fourm.eval.condition_gap import condition_gap, read_token_samples
-    from fourm.models.build import load_model
+    from fourm.models.grow import load_for_vocab
     from fourm.training.data import manifest_context
 
     require_shards(args.tokens, "--tokens")
@@ -41,12 +41,10 @@ def main(argv=None) -> int:
         vocab, grids, kinds = manifest_context(manifest)
     except (OSError, ValueError, KeyError) as exn:
         raise UsageError(f"--tokens {args.tokens}: no readable token-shard manifest ({type(exn).__name__}: {exn})") from None
-    try:
-        model = load_model(args.model)
+    try:  # the model's modalities in the data's order (a manifest lists them sorted)
+        model, _ = load_for_vocab(args.model, vocab)
     except (OSError, ValueError) as exn:
-        raise UsageError(str(exn)) from None
-    if model.config.vocab_size != vocab.size:
-        raise UsageError(f"--tokens {args.tokens} were made with another vocabulary ({vocab.size} ids) than the model's ({model.config.vocab_size})")
+        raise UsageError(f"--model {args.model} with --tokens {args.tokens}: {exn}") from None
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [m for m in [args.source, *targets] if m not in vocab.modalities]
     if unknown:

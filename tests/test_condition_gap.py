@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -38,6 +39,10 @@ def test_gap_reads_the_condition_and_vanishes_when_all_conditions_are_one(contex
     assert abs(r["gap"]) < 1e-5, r
     with pytest.raises(ValueError, match="at least 2 samples"):
         condition_gap(model, samples[:1], vocab, grids, kinds, "rgb", target)
+    if arch == "encdec":  # a model whose modality indices are not the data's is refused, not misread
+        other = dataclasses.replace(vocab, modalities=dict(reversed(vocab.modalities.items())))
+        with pytest.raises(ValueError, match="load_for_vocab"):
+            condition_gap(build_model(REPO / "configs/models/encdec_tiny.yaml", vocab=other, overrides=["dim=64"]), samples, vocab, grids, kinds, "rgb", target)
 
 
 def test_condition_gap_program(tmp_path, tiny_model_dir, token_dir):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, assert_usage_error, run_program
 from fourm.models.build import build_model, load_model, save_pretrained
-from fourm.models.grow import check_extends, grow_model, new_token_ids
+from fourm.models.grow import check_extends, grow_model, load_for_vocab, new_token_ids
 from fourm.training.lora import LoraSettings, apply_lora, load_adapters, save_adapter, trainable_parameters
 from fourm.vocab import SharedVocab
 
@@ -75,6 +75,28 @@ def test_grown_model_keeps_old_ids_and_outputs(arch, sort):
         assert torch.isfinite(logits[..., r.start : r.stop]).all() and torch.isinf(logits[..., : r.start]).all()
     with pytest.raises(ValueError, match="renumbered"):
         check_extends(new, SharedVocab.build({"text": 120, "box_coords": 32, "rgb": 64, "depth": 40}))
+
+
+@pytest.mark.parametrize("arch", ["encdec", "decoder"])
+def test_loaded_for_a_reordered_vocabulary_the_model_follows_the_data_order(arch, tmp_path):
+    """A model built from a tokenizer set keeps the set's modality order; token manifests list
+    modalities sorted. Loaded for such data (training's ``init_from``), an encoder-decoder's
+    per-modality rows follow the data's order, and its outputs by modality name stay the same."""
+    old, _ = _vocabs()
+    data = SharedVocab(specials=old.specials, spaces=old.spaces, modalities=dict(sorted(old.modalities.items())))
+    assert old.to_json() == data.to_json() and list(old.modalities) != list(data.modalities)
+    base = _model(arch, old)
+    save_pretrained(base, tmp_path / "base", vocab=old)
+    model, model_vocab = load_for_vocab(tmp_path / "base", data)
+    assert list(model_vocab.modalities) == list(old.modalities)
+    if arch == "decoder":  # no per-modality rows: nothing to re-order
+        assert model.config == load_model(tmp_path / "base").config
+        return
+    assert model.config.modalities == list(data.modalities) != base.config.modalities
+    for name in data.modalities:
+        torch.testing.assert_close(model.modality_embeddings.weight[model.modality_index(name)], base.modality_embeddings.weight[base.modality_index(name)], atol=0, rtol=0)
+    for target in ("rgb", "caption"):  # _encdec_batch picks modality indices by name, each in its model's order
+        torch.testing.assert_close(_logits(model.eval(), arch, target), _logits(base, arch, target), atol=1e-6, rtol=0)
 
 
 def test_trainable_parameters_are_adapters_and_new_rows_only():

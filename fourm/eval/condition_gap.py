@@ -13,7 +13,6 @@ tokens (content and, for sequences, the end token), in nats.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +53,8 @@ def condition_gap(model, samples: list[dict[str, np.ndarray]], vocab: SharedVoca
     Returns {"own", "other", "gap" (= other - own; > 0 when the condition is read), "samples"}.
     """
     order = getattr(model.config, "modalities", None)  # the encoder-decoder's modality indices
-    if order and list(vocab.modalities) != list(order):
-        # examples index modalities in the vocabulary's order, the model in its own: a model built
-        # from a tokenizer set keeps the set's order, while token manifests list modalities sorted
-        missing = [m for m in (source, target) if m not in order]
-        if missing:
-            raise ValueError(f"the model has no {', '.join(missing)} modality; it has {', '.join(order)}")
-        vocab = dataclasses.replace(vocab, modalities={m: vocab.modalities[m] for m in order if m in vocab.modalities})
+    if order is not None and list(order) != list(vocab.modalities):
+        raise ValueError(f"the model lists its modalities as {', '.join(order)}, the data as {', '.join(vocab.modalities)}: load it with fourm.models.grow.load_for_vocab(directory, vocab)")
     usable = [s for s in samples if source in s and target in s]
     if len(usable) < 2:
         raise ValueError(f"need at least 2 samples with both {source} and {target}, got {len(usable)}")

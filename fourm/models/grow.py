@@ -82,9 +82,23 @@ def grow_model(model: torch.nn.Module, old: SharedVocab, new: SharedVocab) -> to
     return grown.train(model.training)
 
 
+def fit_to_vocab(model: torch.nn.Module, old: SharedVocab, new: SharedVocab) -> torch.nn.Module:
+    """``model`` (built for ``old``) ready for examples laid out with ``new``: itself when the ids and
+    the model's modality order agree, else ``grow_model``'s copy. The order matters on its own: an
+    encoder-decoder indexes its modality embeddings and id ranges by position in
+    ``config.modalities``, examples by position in their vocabulary, and a token manifest lists
+    modalities sorted while a model built from a tokenizer set keeps the set's order.
+    """
+    order = getattr(model.config, "modalities", None)
+    if old.to_json() == new.to_json() and (order is None or list(order) == list(new.modalities)):
+        return model
+    return grow_model(model, old, new)
+
+
 def load_for_vocab(directory: str | os.PathLike, vocab: SharedVocab) -> tuple[torch.nn.Module, SharedVocab]:
     """Load a pretrained model for data tokenized with ``vocab``: as it is when the vocabularies
-    match, grown (``grow_model``) when ``vocab`` extends the model's.
+    match, grown or re-ordered (``fit_to_vocab``) when ``vocab`` extends the model's or lists its
+    modalities in another order.
 
     Returns:
         (model, the vocabulary the model was trained on).
@@ -98,7 +112,7 @@ def load_for_vocab(directory: str | os.PathLike, vocab: SharedVocab) -> tuple[to
             raise ValueError(f"{directory} has no {VOCAB_FILE} and {model.config.vocab_size} ids; the data have {vocab.size}")
         return model, vocab
     old = SharedVocab.load(path)
-    if old.to_json() == vocab.to_json():
-        return model, old
-    log.info("growing %s from %d to %d ids (new: %s)", directory, old.size, vocab.size, ", ".join(m for m in vocab.modalities if m not in old.modalities) or "none")
-    return grow_model(model, old, vocab), old
+    fitted = fit_to_vocab(model, old, vocab)
+    if fitted is not model:
+        log.info("fitting %s to the data's vocabulary: %d -> %d ids (new modalities: %s), modalities in the data's order", directory, old.size, vocab.size, ", ".join(m for m in vocab.modalities if m not in old.modalities) or "none")
+    return fitted, old

@@ -150,7 +150,7 @@ def load_adapters(base_dir: str | Path, adapters: dict[str, str | Path] | list[s
     from peft import PeftModel
 
     from fourm.models.build import load_model
-    from fourm.models.grow import grow_model
+    from fourm.models.grow import fit_to_vocab
 
     if not isinstance(adapters, dict):
         adapters = {Path(d).name or f"adapter{i}": d for i, d in enumerate(adapters)}
@@ -174,8 +174,7 @@ def load_adapters(base_dir: str | Path, adapters: dict[str, str | Path] | list[s
         if arch != model.config.arch:
             raise ValueError(f"adapter {name} is for a {arch} model, {base_dir} holds a {model.config.arch}")
     vocab = vocabs[first]
-    if vocab.to_json() != base_vocab.to_json():
-        model = grow_model(model, base_vocab, vocab)
+    model = fit_to_vocab(model, base_vocab, vocab)
     names = list(adapters)
     peft_model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
