@@ -148,9 +148,9 @@ def test_warmup_cosine_schedule():
 
 @pytest.mark.parametrize("arch,mode,z", [("encdec", "token_mean", 0.0), ("encdec", "modality_mean", 1e-4), ("decoder", "token_mean", 1e-4)])
 def test_fast_loss_equals_full_logits(token_dir, arch, mode, z):
-    """The training loop's loss path (output layer only at labelled positions; for the
-    encoder-decoder only over each modality's span) gives the loss, per-modality losses and
-    gradients of the full-logits path."""
+    """The training loop's loss path (padding skipped by every layer but attention; output layer
+    only at labelled positions; for the encoder-decoder only over each modality's span) gives the
+    loss, per-modality losses and gradients of the full-logits path."""
     from types import SimpleNamespace
 
     import torch
@@ -163,6 +163,8 @@ def test_fast_loss_equals_full_logits(token_dir, arch, mode, z):
     batch = next(data)
     labels, label_modality = batch.pop("labels"), batch.pop("label_modality")
     assert (labels == -100).any() and (labels != -100).any()
+    # padding in every stack, so the loss path's unpadded layers (``Unpadded``) are what is compared
+    assert all(not bool(batch[k].all()) for k in (("enc_valid", "dec_valid") if arch == "encdec" else ("attention_mask",)))
     torch.manual_seed(0)
     model = build_model(cfg.model_spec(), vocab=vocab, overrides=["dim=64"]).train()
     if arch == "encdec":

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, output_logits, rope_cos_sin, z_loss
+from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, output_logits, rope_cos_sin, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -98,13 +98,21 @@ class DecoderLM(nn.Module, Pretrained):
                 positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
             mask = _mask(b, t, past, attention_mask, prefix_len, input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
+        # the training loop's path on a padded batch: every layer but attention on real tokens only
+        layout = Unpadded.of(attention_mask) if loss_labels is not None and attention_mask is not None and past_key_values is None else None
         x = self.embed(input_ids)
+        if layout is not None:
+            x = layout.unpad(x)  # (1, N, dim)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None, cache_position=cache_position)
+            x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None, cache_position=cache_position, layout=layout)
         if loss_labels is not None:
             y = loss_labels[:, 1:].reshape(-1)
-            index = (y != IGNORE_INDEX).nonzero()[:, 0]
-            picked = self.lm_head(self.norm(x[:, :-1].reshape(-1, x.shape[-1])[index])).float()
+            index = (y != IGNORE_INDEX).nonzero()[:, 0]  # into the flattened (B, T - 1) shifted positions
+            if layout is None:
+                h = x[:, :-1].reshape(-1, x.shape[-1])[index]
+            else:  # shifted position (b, t) is place b * T + t of the (B, T) batch
+                h = x[0][layout.rows(index // (t - 1) * t + index % (t - 1))]
+            picked = self.lm_head(self.norm(h)).float()
             ce = F.cross_entropy(picked, y[index], reduction="none")
             return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=torch.logsumexp(picked, dim=-1), index=index)
         if logits_to_keep:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
 from fourm.models.decoder import IGNORE_INDEX, _init_weights
-from fourm.models.layers import Block, KVCache, RMSNorm, output_logits, rope_cos_sin, z_loss
+from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, output_logits, rope_cos_sin, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
 from fourm.models.pretrained import Pretrained
@@ -83,25 +83,30 @@ class EncoderDecoder(nn.Module, Pretrained):
         except ValueError:
             raise KeyError(f"unknown modality {name!r}; this model has: {', '.join(self.config.modalities)}") from None
 
-    def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim)."""
+    def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, layout: Unpadded | None = None) -> torch.Tensor:
+        """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim).
+        ``layout`` (``Unpadded.of(valid)``): every layer but attention on the real tokens only ->
+        (1, N, dim)."""
         x = self.embed(ids) + self.modality_embeddings(modality)
+        if layout is not None:
+            x = layout.unpad(x)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         mask = None if bool(valid.all()) else bidirectional_mask(valid)  # no padding: no mask tensor
         for block in self.encoder:
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, mask, layout=layout)
         return self.enc_norm(x)
 
-    def context_kvs(self, encoder_out: torch.Tensor, enc_positions: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def context_kvs(self, encoder_out: torch.Tensor, enc_positions: torch.Tensor | None = None, layout: Unpadded | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per decoder layer cross-attention keys/values of the encoder output (B, S, dim), keys
         rotated by the encoder tokens' positions (B, S, 2) or (B, S) with ``cross_rope``; compute
-        once per generation and pass to ``decode``."""
+        once per generation and pass to ``decode``. ``layout``: the encoder output is its real
+        tokens only, (1, N, dim) (``encode(..., layout=)``)."""
         rope = None
         if self.config.cross_rope:
             if enc_positions is None:
                 raise ValueError("this model's cross-attention uses RoPE: pass the encoder tokens' positions")
             rope = rope_cos_sin(enc_positions, self.config.rope_inv_freq(enc_positions.device))
-        return [block.cross.context_kv(encoder_out, rope) for block in self.decoder]
+        return [block.cross.context_kv(encoder_out, rope, layout) for block in self.decoder]
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.decoder]
@@ -120,6 +125,8 @@ class EncoderDecoder(nn.Module, Pretrained):
         logits_span: tuple[int, int] | None = None,
         return_hidden: bool = False,
         enc_positions: torch.Tensor | None = None,
+        enc_layout: Unpadded | None = None,
+        layout: Unpadded | None = None,
     ) -> torch.Tensor:
         """Decoder -> logits (B, T, V) restricted to each token's modality range (or, with
         ``return_hidden``, the normalised hidden states (B, T, dim) before the output layer).
@@ -133,8 +140,15 @@ class EncoderDecoder(nn.Module, Pretrained):
             positions) are needed when the model has ``cross_rope``.
         logits_span: (lo, hi): only output rows lo..hi-1 (logits (B, T, hi - lo)); see
             ``SharedVocab.logit_span``.
+        enc_layout, layout: the training path's ``Unpadded`` layouts of the encoder output
+            (``encode(..., layout=)``) and of the decoder tokens (``Unpadded.of(valid)``; only with
+            ``return_hidden``, which then returns the real tokens' states, (1, N, dim)).
         """
+        if layout is not None and not return_hidden:
+            raise ValueError("an unpadded decoder layout returns hidden states (return_hidden=True)")
         x = self.embed(ids) + self.modality_embeddings(modality)
+        if layout is not None:
+            x = layout.unpad(x)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
         if cache is not None:
             past, t = cache[0].length, ids.shape[1]
@@ -142,16 +156,16 @@ class EncoderDecoder(nn.Module, Pretrained):
         else:
             mask = modality_decoder_mask(modality, causal, valid)
         cross_mask = None if bool(enc_valid.all()) else padding_mask(enc_valid)
-        kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out, enc_positions)
+        kvs = context_kvs if context_kvs is not None else self.context_kvs(encoder_out, enc_positions, enc_layout)
         for i, block in enumerate(self.decoder):
-            x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask, cross_rope=self.config.cross_rope)
+            x = block(x, cos, sin, mask, cache[i] if cache is not None else None, context_kv=kvs[i], context_mask=cross_mask, cross_rope=self.config.cross_rope, layout=layout)
         if return_hidden:
             return self.dec_norm(x)
         logits = output_logits(self.lm_head, self.dec_norm(x), logits_span)
         allowed = self.allowed[modality] if logits_span is None else self.allowed[modality][..., logits_span[0] : logits_span[1]]
         return logits.masked_fill(~allowed, float("-inf"))
 
-    def token_losses(self, hidden: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def token_losses(self, hidden: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor, layout: Unpadded | None = None) -> dict[str, torch.Tensor]:
         """Cross-entropy at the labelled positions only, each over its modality's id span.
 
         The same values as ``cross_entropy`` of ``decode``'s logits there (whose columns outside the
@@ -159,15 +173,15 @@ class EncoderDecoder(nn.Module, Pretrained):
         output layer runs on the N labelled rows and, per modality, on its span of rows (about a
         quarter of the vocabulary for an image modality).
 
-        hidden (B, T, dim) from ``decode(..., return_hidden=True)``; modality, labels (B, T), -100
-        ignored. Returns {"ce": (N,), "lse": (N,) logsumexp for the z-loss, "index": (N,) flat
+        hidden (B, T, dim) from ``decode(..., return_hidden=True)`` (or (1, N, dim), the real
+        tokens', with the decoder's ``layout``); modality, labels (B, T), -100 ignored. Returns {"ce": (N,), "lse": (N,) logsumexp for the z-loss, "index": (N,) flat
         positions (into B * T) of the N labelled tokens, grouped by modality}.
         """
         flat = (labels != IGNORE_INDEX).reshape(-1)
         mods = modality.reshape(-1)[flat]
         order = torch.argsort(mods, stable=True)
         index = flat.nonzero()[:, 0][order]
-        h = hidden.reshape(-1, hidden.shape[-1])[index]
+        h = hidden[0][layout.rows(index)] if layout is not None else hidden.reshape(-1, hidden.shape[-1])[index]
         y = labels.reshape(-1)[index]
         mods = mods[order]
         # ZeRO-3 gathers the output layer at each call: call it exactly once on every rank (ranks
@@ -209,10 +223,12 @@ class EncoderDecoder(nn.Module, Pretrained):
 
         ``loss_labels`` (B, T): the training loop's fast path: no logits; instead ``token_losses``
         at the labelled positions (``out.ce``, ``out.lse``, ``out.index``)."""
+        if loss_labels is not None:  # training: every layer but attention on the real tokens only
+            enc_layout, dec_layout = Unpadded.of(enc_valid), Unpadded.of(dec_valid)
+            enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, enc_layout)
+            hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True, enc_positions=enc_positions, enc_layout=enc_layout, layout=dec_layout)
+            return Seq2SeqOutput(logits=None, loss=None, encoder_out=enc_layout.pad(enc) if enc_layout is not None else enc, **self.token_losses(hidden, dec_modality, loss_labels, dec_layout))
         enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid)
-        if loss_labels is not None:
-            hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True, enc_positions=enc_positions)
-            return Seq2SeqOutput(logits=None, loss=None, encoder_out=enc, **self.token_losses(hidden, dec_modality, loss_labels))
         logits = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, enc_positions=enc_positions)
         loss = None
         if labels is not None:

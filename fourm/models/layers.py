@@ -136,6 +136,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
 
 
+@dataclass
+class Unpadded:
+    """Where the real tokens of a padded (B, T) batch sit, for training forwards that skip padding:
+    the linear layers, norms and MLPs run on the N real tokens only, as (1, N, C); ``Attention``
+    puts them back at their (B, T) places around SDPA (``pad`` / ``unpad``). Same values at the
+    real tokens as the padded forward; padding is often a sixth of a batch's slots.
+
+    Attributes:
+        index: (N,) the real tokens' places in the flattened (B * T) batch, in order.
+        batch, length: B and T.
+    """
+
+    index: torch.Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, valid: torch.Tensor) -> "Unpadded | None":
+        """From a (B, T) mask, nonzero at real tokens; None when there is no padding to skip."""
+        if bool(valid.all()):
+            return None
+        return cls(valid.reshape(-1).nonzero()[:, 0], valid.shape[0], valid.shape[1])
+
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """(K,) places of real tokens in the flattened (B * T) batch -> their rows of (1, N, C)."""
+        return torch.searchsorted(self.index, flat)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (1, N, C)."""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)[None]
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, N, C) -> (B, T, C), zeros at padding."""
+        return x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x[0]).view(self.batch, self.length, -1)
+
+
 class KVCache:
     """Keys and values seen so far by one attention layer, in a pre-allocated buffer.
 
@@ -205,11 +241,15 @@ class Attention(nn.Module):
         self.q_norm = _qk_norm(qk_norm, n_heads, head_dim, eps)
         self.k_norm = _qk_norm(qk_norm, n_kv_heads, head_dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None, cache_position: torch.Tensor | None = None, layout: Unpadded | None = None) -> torch.Tensor:
         """x (B, T, dim); cos/sin (B, T, D); mask (B, 1, T, S) with S = cached + T (a static
-        cache: S = its capacity, ``cache_position`` (T,) the slots written) -> (B, T, dim)."""
-        b, t, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        cache: S = its capacity, ``cache_position`` (T,) the slots written) -> (B, T, dim).
+        ``layout``: x is the batch's real tokens only, (1, N, dim) -> (1, N, dim)."""
+        qkv = self.wqkv(x)
+        if layout is not None:
+            qkv = layout.pad(qkv)
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -219,8 +259,8 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v, cache_position)
-        out = attention(q, k, v, mask, self.backend)  # (B, H, T, D)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        out = attention(q, k, v, mask, self.backend).transpose(1, 2).reshape(b, t, -1)  # (B, T, H * D)
+        return self.wo(layout.unpad(out) if layout is not None else out)
 
 
 class CrossAttention(nn.Module):
@@ -238,11 +278,15 @@ class CrossAttention(nn.Module):
         self.q_norm = _qk_norm(qk_norm, n_heads, head_dim, eps)
         self.k_norm = _qk_norm(qk_norm, n_kv_heads, head_dim, eps)
 
-    def context_kv(self, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def context_kv(self, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, layout: Unpadded | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Context (B, S, dim) -> k, v (B, Hkv, S, D), keys rotated by ``rope`` = the context's
-        (cos, sin) tables (B, S, D) when given; computed once per generation."""
-        b, s, _ = context.shape
-        k, v = self.wkv(context).chunk(2, dim=-1)
+        (cos, sin) tables (B, S, D) when given; computed once per generation. ``layout``: the
+        context is its real tokens only, (1, N, dim); k and v are zero at padding."""
+        kv = self.wkv(context)
+        if layout is not None:
+            kv = layout.pad(kv)
+        b, s, _ = kv.shape
+        k, v = kv.chunk(2, dim=-1)
         k = k.view(b, s, self.n_kv_heads, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
@@ -251,18 +295,22 @@ class CrossAttention(nn.Module):
             k = apply_rope(k, *rope)
         return k, v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None, layout: Unpadded | None = None) -> torch.Tensor:
         """x (B, T, dim); kv from ``context_kv``; mask (B, 1, 1 or T, S); ``rope`` the queries'
-        (cos, sin) tables (B, T, D) when the keys were rotated too -> (B, T, dim)."""
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        (cos, sin) tables (B, T, D) when the keys were rotated too -> (B, T, dim). ``layout``:
+        x is the real queries only, (1, N, dim) -> (1, N, dim)."""
+        q = self.wq(x)
+        if layout is not None:
+            q = layout.pad(q)
+        b, t, _ = q.shape
+        q = q.view(b, t, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = q.transpose(1, 2)
         if rope is not None:
             q = apply_rope(q, *rope)
-        out = attention(q, kv[0], kv[1], mask, self.backend)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        out = attention(q, kv[0], kv[1], mask, self.backend).transpose(1, 2).reshape(b, t, -1)
+        return self.wo(layout.unpad(out) if layout is not None else out)
 
 
 class SwiGLU(nn.Module):
@@ -308,12 +356,13 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, context_kv=None, context_mask=None, cache_position=None, cross_rope: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, context_kv=None, context_mask=None, cache_position=None, cross_rope: bool = False, layout: Unpadded | None = None) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, dim); ``cross_rope``: rotate the cross-attention queries by
-        (cos, sin) too (their keys were, by ``CrossAttention.context_kv``)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_position)
+        (cos, sin) too (their keys were, by ``CrossAttention.context_kv``); ``layout``: x holds
+        the real tokens only, (1, N, dim) -> (1, N, dim)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_position, layout)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), context_kv, context_mask, (cos, sin) if cross_rope else None)
+            x = x + self.cross(self.cross_norm(x), context_kv, context_mask, (cos, sin) if cross_rope else None, layout)
         return x + self.mlp(self.mlp_norm(x))
 
 
