@@ -13,7 +13,7 @@ import torch
 from fourm.models.build import build_model, config_from_vocab, count_parameters, load_model, make_config, save_pretrained
 from fourm.models.decoder import DecoderConfig, DecoderLM
 from fourm.models.encdec import EncDecConfig, EncoderDecoder
-from fourm.models.layers import Attention, CrossAttention, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from fourm.models.layers import Attention, CrossAttention, Unpadded, apply_rope, attention, rope_cos_sin, rope_inv_freq
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, prefix_lm_mask
 from fourm.vocab import SharedVocab
 
@@ -92,6 +92,27 @@ def test_mha_equals_plain_multihead_formula():
     w = (heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(8)).softmax(-1)
     want = att.wo((w @ heads(v)).transpose(1, 2).reshape(1, 6, 32))
     torch.testing.assert_close(att(x, zero.cos(), zero, None), want)
+
+
+def test_unpadded_layout_round_trip_and_attention_at_real_tokens():
+    valid = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert Unpadded.of(torch.ones(2, 3, dtype=torch.bool)) is None  # nothing to skip
+    layout = Unpadded.of(valid)
+    assert layout.index.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+    assert layout.rows(torch.tensor([4, 11, 0])).tolist() == [3, 8, 0]
+    x = torch.randn(3, 4, 5)
+    packed = layout.unpad(x)
+    assert packed.shape == (1, 9, 5) and torch.equal(packed[0], x[valid])
+    back = layout.pad(packed)
+    assert torch.equal(back[valid], x[valid]) and not back[~valid].any()
+    # self-attention on the real tokens only equals the padded call at the real tokens
+    torch.manual_seed(0)
+    attn = Attention(16, 4, 2, 4)
+    x = torch.randn(3, 4, 16)
+    cos, sin = rope_cos_sin(torch.arange(4).expand(3, 4), rope_inv_freq(4))
+    mask = bidirectional_mask(valid)
+    padded = attn(x, cos, sin, mask)[valid]
+    torch.testing.assert_close(attn(layout.unpad(x), cos, sin, mask, layout=layout)[0], padded, atol=1e-6, rtol=0)
 
 
 def test_attention_backends_agree():

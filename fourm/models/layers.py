@@ -153,6 +153,7 @@ class Unpadded:
     length: int
 
     @classmethod
+    @torch.compiler.disable  # data-dependent (a host sync and nonzero): run eagerly, without dynamo's graph-break warning
     def of(cls, valid: torch.Tensor) -> "Unpadded | None":
         """From a (B, T) mask, nonzero at real tokens; None when there is no padding to skip."""
         if bool(valid.all()):
