@@ -101,7 +101,7 @@ def print_tables(result: dict) -> None:
             c = t["compiled"]
             rows.append([f"decoder_tiny, both torch.compile'd (fourm compiled / HF eager: {c['speedup_vs_hf_eager']:.2f}x)", f"{c['ours_tokens_per_s']:.0f}", f"{c['hf_tokens_per_s']:.0f}", f"{c['speedup']:.2f}x", f"{100 * c['ours_mfu']:.1f}% / {100 * c['hf_mfu']:.1f}%"])
         for name, e in result["train_encdec"].items():
-            rows.append([f"encdec_tiny, {name}, batch {e['batch']}", f"{e['tokens_per_s']:.0f}", "", "", f"{100 * e['mfu']:.1f}%"])
+            rows.append([f"encdec_tiny, {name}, batch {e['batch']} ({100 * e['real_fraction']:.0f}% real tokens; padded: {e['padded_tokens_per_s']:.0f}, {e['skip_padding_speedup']:.2f}x)", f"{e['tokens_per_s']:.0f}", "", "", f"{100 * e['mfu']:.1f}%"])
         dtype = "bf16 autocast" if result.get("peak", {}).get("bf16_native", True) else "fp32 (no native bf16)"
         print(markdown_table([f"training step, {dtype} (tokens/s)", "fourm", "HF Llama", "ratio", "MFU fourm / HF"], rows) + "\n")
     if "loader_samples_per_s" in result:

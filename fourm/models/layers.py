@@ -136,6 +136,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
 
 
+# Training forwards skip padding (``Unpadded``); the benchmark turns this off for its reference.
+SKIP_PADDING = True
+
+
 @dataclass
 class Unpadded:
     """Where the real tokens of a padded (B, T) batch sit, for training forwards that skip padding:
@@ -155,8 +159,9 @@ class Unpadded:
     @classmethod
     @torch.compiler.disable  # data-dependent (a host sync and nonzero): run eagerly, without dynamo's graph-break warning
     def of(cls, valid: torch.Tensor) -> "Unpadded | None":
-        """From a (B, T) mask, nonzero at real tokens; None when there is no padding to skip."""
-        if bool(valid.all()):
+        """From a (B, T) mask, nonzero at real tokens; None when there is no padding to skip
+        (or ``SKIP_PADDING`` is off)."""
+        if not SKIP_PADDING or bool(valid.all()):
             return None
         return cls(valid.reshape(-1).nonzero()[:, 0], valid.shape[0], valid.shape[1])
 
