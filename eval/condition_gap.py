@@ -42,9 +42,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as exn:
         raise UsageError(f"--tokens {args.tokens}: no readable token-shard manifest ({type(exn).__name__}: {exn})") from None
     try:  # the model's modalities in the data's order (a manifest lists them sorted)
-        model, _ = load_for_vocab(args.model, vocab)
+        model, model_vocab = load_for_vocab(args.model, vocab)
     except (OSError, ValueError) as exn:
         raise UsageError(f"--model {args.model} with --tokens {args.tokens}: {exn}") from None
+    if model_vocab.size != vocab.size:  # a grown model's new rows are untrained: its gaps would mean nothing
+        raise UsageError(f"--tokens {args.tokens} were made with another vocabulary ({vocab.size} ids) than the model's ({model_vocab.size})")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [m for m in [args.source, *targets] if m not in vocab.modalities]
     if unknown:

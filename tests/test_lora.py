@@ -97,6 +97,10 @@ def test_loaded_for_a_reordered_vocabulary_the_model_follows_the_data_order(arch
         torch.testing.assert_close(model.modality_embeddings.weight[model.modality_index(name)], base.modality_embeddings.weight[base.modality_index(name)], atol=0, rtol=0)
     for target in ("rgb", "caption"):  # _encdec_batch picks modality indices by name, each in its model's order
         torch.testing.assert_close(_logits(model.eval(), arch, target), _logits(base, arch, target), atol=1e-6, rtol=0)
+    (tmp_path / "base" / "vocab.json").unlink()  # without the model's vocabulary: the same ids taken on trust, re-ordered all the same
+    model, _ = load_for_vocab(tmp_path / "base", data)
+    assert model.config.modalities == list(data.modalities)
+    torch.testing.assert_close(_logits(model.eval(), arch, "caption"), _logits(base, arch, "caption"), atol=1e-6, rtol=0)
 
 
 def test_trainable_parameters_are_adapters_and_new_rows_only():

@@ -115,6 +115,31 @@ def test_unpadded_layout_round_trip_and_attention_at_real_tokens():
     torch.testing.assert_close(attn(layout.unpad(x), cos, sin, mask, layout=layout)[0], padded, atol=1e-6, rtol=0)
 
 
+def test_skipping_padding_keeps_every_loss_whatever_the_padding(monkeypatch):
+    """The training path (``loss_labels``) skips padding only when every labelled position reads
+    a real token's state; left padding with the first real token labelled (Hugging Face's habit)
+    or labels left at padding run padded, as before. Losses and gradients equal the padded path."""
+    from fourm.models import layers
+
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64))
+    ids = torch.randint(4, 50, (3, 7))
+    right = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    cases = {"right padding": (right, ids.masked_fill(right == 0, -100)), "left padding": (right.flip(1), ids.masked_fill(right.flip(1) == 0, -100)), "labels at padding": (right, ids)}
+    for name, (mask, labels) in cases.items():
+        runs = []
+        for skip in (True, False):
+            monkeypatch.setattr(layers, "SKIP_PADDING", skip)
+            model.zero_grad()
+            out = model(ids, attention_mask=mask, loss_labels=labels)
+            out.ce.sum().backward()
+            runs.append((out.ce.detach(), [p.grad.clone() for p in model.parameters()]))
+        (ce, grads), (ce_padded, grads_padded) = runs
+        torch.testing.assert_close(ce, ce_padded, atol=1e-6, rtol=0, msg=name)
+        for g, gp in zip(grads, grads_padded):
+            torch.testing.assert_close(g, gp, atol=1e-6, rtol=0, msg=name)
+
+
 def test_attention_backends_agree():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)

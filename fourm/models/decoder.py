@@ -98,20 +98,20 @@ class DecoderLM(nn.Module, Pretrained):
                 positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
             mask = _mask(b, t, past, attention_mask, prefix_len, input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
-        # the training loop's path on a padded batch: every layer but attention on real tokens only
-        layout = Unpadded.of(attention_mask) if loss_labels is not None and attention_mask is not None and past_key_values is None else None
+        layout = None
+        if loss_labels is not None:
+            y = loss_labels[:, 1:].reshape(-1)
+            index = (y != IGNORE_INDEX).nonzero()[:, 0]  # into the flattened (B, T - 1) shifted positions
+            source = index // (t - 1) * t + index % (t - 1)  # shifted position (b, t) is place b * T + t of the (B, T) batch
+            if attention_mask is not None and past_key_values is None:  # a padded batch: every layer but attention on real tokens only
+                layout = Unpadded.of(attention_mask, needed=source)
         x = self.embed(input_ids)
         if layout is not None:
             x = layout.unpad(x)  # (1, N, dim)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None, cache_position=cache_position, layout=layout)
         if loss_labels is not None:
-            y = loss_labels[:, 1:].reshape(-1)
-            index = (y != IGNORE_INDEX).nonzero()[:, 0]  # into the flattened (B, T - 1) shifted positions
-            if layout is None:
-                h = x[:, :-1].reshape(-1, x.shape[-1])[index]
-            else:  # shifted position (b, t) is place b * T + t of the (B, T) batch
-                h = x[0][layout.rows(index // (t - 1) * t + index % (t - 1))]
+            h = x[:, :-1].reshape(-1, x.shape[-1])[index] if layout is None else x[0][layout.rows(source)]
             picked = self.lm_head(self.norm(h)).float()
             ce = F.cross_entropy(picked, y[index], reduction="none")
             return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=torch.logsumexp(picked, dim=-1), index=index)

@@ -224,7 +224,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         ``loss_labels`` (B, T): the training loop's fast path: no logits; instead ``token_losses``
         at the labelled positions (``out.ce``, ``out.lse``, ``out.index``)."""
         if loss_labels is not None:  # training: every layer but attention on the real tokens only
-            enc_layout, dec_layout = Unpadded.of(enc_valid), Unpadded.of(dec_valid)
+            enc_layout, dec_layout = Unpadded.of(enc_valid), Unpadded.of(dec_valid, needed=(loss_labels != IGNORE_INDEX).reshape(-1).nonzero()[:, 0])
             enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, enc_layout)
             hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True, enc_positions=enc_positions, enc_layout=enc_layout, layout=dec_layout)
             return Seq2SeqOutput(logits=None, loss=None, encoder_out=enc_layout.pad(enc) if enc_layout is not None else enc, **self.token_losses(hidden, dec_modality, loss_labels, dec_layout))

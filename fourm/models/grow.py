@@ -110,7 +110,12 @@ def load_for_vocab(directory: str | os.PathLike, vocab: SharedVocab) -> tuple[to
     if not path.is_file():
         if model.config.vocab_size != vocab.size:
             raise ValueError(f"{directory} has no {VOCAB_FILE} and {model.config.vocab_size} ids; the data have {vocab.size}")
-        return model, vocab
+        order = getattr(model.config, "modalities", None)
+        if order is None or sorted(order) != sorted(vocab.modalities):
+            return model, vocab
+        # the same ids taken on trust (as ever without the file), the modalities in the model's order
+        old = dataclasses.replace(vocab, modalities={m: vocab.modalities[m] for m in order})
+        return fit_to_vocab(model, old, vocab), old
     old = SharedVocab.load(path)
     fitted = fit_to_vocab(model, old, vocab)
     if fitted is not model:

@@ -158,15 +158,21 @@ class Unpadded:
 
     @classmethod
     @torch.compiler.disable  # data-dependent (a host sync and nonzero): run eagerly, without dynamo's graph-break warning
-    def of(cls, valid: torch.Tensor) -> "Unpadded | None":
-        """From a (B, T) mask, nonzero at real tokens; None when there is no padding to skip
-        (or ``SKIP_PADDING`` is off)."""
+    def of(cls, valid: torch.Tensor, needed: torch.Tensor | None = None) -> "Unpadded | None":
+        """From a (B, T) mask, nonzero at real tokens; None when there is no padding to skip,
+        ``SKIP_PADDING`` is off, or a place in ``needed`` ((K,) places in the flattened batch
+        whose states the caller reads, e.g. the labelled positions) is padding: the caller then
+        runs padded, which serves any input."""
         if not SKIP_PADDING or bool(valid.all()):
             return None
-        return cls(valid.reshape(-1).nonzero()[:, 0], valid.shape[0], valid.shape[1])
+        flat = valid.reshape(-1)
+        if needed is not None and not bool(flat[needed].all()):
+            return None
+        return cls(flat.nonzero()[:, 0], valid.shape[0], valid.shape[1])
 
     def rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """(K,) places of real tokens in the flattened (B * T) batch -> their rows of (1, N, C)."""
+        """(K,) places of real tokens in the flattened (B * T) batch -> their rows of (1, N, C)
+        (a place of padding would map to the next real token's row: see ``of``'s ``needed``)."""
         return torch.searchsorted(self.index, flat)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
