@@ -229,11 +229,11 @@ def _padded(step):
     from fourm.models import layers
 
     def run():
-        layers.SKIP_PADDING = False
+        before, layers.SKIP_PADDING = layers.SKIP_PADDING, False
         try:
             step()
         finally:
-            layers.SKIP_PADDING = True
+            layers.SKIP_PADDING = before
 
     return run
 

@@ -174,8 +174,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         quarter of the vocabulary for an image modality).
 
         hidden (B, T, dim) from ``decode(..., return_hidden=True)`` (or (1, N, dim), the real
-        tokens', with the decoder's ``layout``); modality, labels (B, T), -100 ignored. Returns {"ce": (N,), "lse": (N,) logsumexp for the z-loss, "index": (N,) flat
-        positions (into B * T) of the N labelled tokens, grouped by modality}.
+        tokens', with the decoder's ``layout``); modality, labels (B, T), -100 ignored. Returns
+        {"ce": (N,), "lse": (N,) logsumexp for the z-loss, "index": (N,) flat positions (into
+        B * T) of the N labelled tokens, grouped by modality}.
         """
         flat = (labels != IGNORE_INDEX).reshape(-1)
         mods = modality.reshape(-1)[flat]
