@@ -16,6 +16,7 @@ def test_bench_tiny_produces_every_figure(tmp_path, token_dir):
     assert r["peak"]["bf16_tflops"] > 0 and r["peak"]["fp32_tflops"] > 0
     t = r["train_decoder_vs_hf"]
     assert t["ours_tokens_per_s"] > 0 and t["hf_tokens_per_s"] > 0 and 0 < t["ours_mfu"] and 0 < t["hf_mfu"]
+    assert t["modality_softmax"] and t["whole_softmax"]["ours_tokens_per_s"] > 0 and t["whole_softmax"]["modality_softmax_speedup"] > 0  # the preset's softmax, and the reference
     assert {"4m", "next_token"} == set(r["train_encdec"]) and all(e["tokens_per_s"] > 0 and e["mfu"] > 0 and e["padded_tokens_per_s"] > 0 and 0 < e["real_fraction"] <= 1 for e in r["train_encdec"].values())
     assert 0.4 < r["zero3"]["ratio"] < 0.75 and len(r["zero3"]["two_ranks_bytes"]) == 2 and r["zero3"]["one_rank"] == "whole model in the 2-rank run"
     assert r["loader_samples_per_s"] > 0 and r["loader_vs_training"] > 0 and set(r["tokenizer_images_per_s"]) == {"rgb", "depth", "semseg"}

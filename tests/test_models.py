@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -278,6 +279,48 @@ def test_decoder_loss_is_shifted_next_token_cross_entropy():
     out = model(ids, labels=labels)
     want = torch.nn.functional.cross_entropy(out.logits[:, 1:-1].reshape(-1, VOCAB.size), ids[:, 2:].reshape(-1))
     torch.testing.assert_close(out.loss, want)
+
+
+def test_decoder_modality_softmax_is_cross_entropy_over_the_next_tokens_modality():
+    """``modality_softmax``: the loss at t is -log softmax over the ids token t + 1's modality may
+    take (captions and boxes share the text ids, so the modality comes from ``label_modality``);
+    an end tag keeps the whole vocabulary. Checked by hand against the full logits of the same
+    weights without it, on the fast path (``loss_labels``) and the full one (``labels``)."""
+    import numpy as np
+
+    from fourm.objectives.builders import collate_decoder, decoder_example
+
+    torch.manual_seed(0)
+    config = DecoderConfig(**config_from_vocab(VOCAB), dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    whole = DecoderLM(config).eval()
+    model = DecoderLM(dataclasses.replace(config, modality_softmax=True)).eval()
+    model.load_state_dict(whole.state_dict())
+    text = lambda n: VOCAB.to_global("text", torch.randint(0, 120, (n,))).numpy()  # noqa: E731
+    rng = np.random.default_rng(0)
+    examples = [decoder_example({"rgb": VOCAB.to_global("rgb", torch.randint(0, 64, (4,))).numpy(), "caption": np.append(text(n), VOCAB.eos_id), "boxes": np.append(text(3), VOCAB.eos_id)}, VOCAB, {"rgb": 2}, rng, n_condition=1, shuffle=False) for n in (3, 5)]
+    batch = collate_decoder(examples)
+    labels, label_modality = batch.pop("labels"), batch.pop("label_modality")
+    logits = whole(**batch).logits[:, :-1]
+    y, nxt = labels[:, 1:], label_modality[:, 1:]
+    want, tags = [], 0
+    for b, t in (y != -100).nonzero().tolist():
+        row, target = logits[b, t], int(y[b, t])
+        name = list(VOCAB.modalities)[int(nxt[b, t])]
+        allowed = VOCAB.allowed_mask(name)
+        if VOCAB.ends_with_eos(name):  # sequence modalities may also emit the span-masking sentinels
+            allowed[VOCAB.sentinel_id(0) : VOCAB.sentinel_id(VOCAB.num_sentinels - 1) + 1] = True
+        if not allowed[target]:  # the end tag
+            allowed, tags = torch.ones_like(allowed), tags + 1
+        want.append(torch.logsumexp(row[allowed], 0) - row[target])
+    want = torch.stack(want)
+    assert tags == 2 * len(examples) and len(want) > 4 * tags  # content rows of both text modalities, and end tags
+    fast = model(**batch, loss_labels=labels, label_modality=label_modality)
+    got = fast.ce[torch.argsort(fast.index)]  # back in position order
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(**batch, labels=labels, label_modality=label_modality).loss, want.mean(), atol=1e-5, rtol=1e-5)
+    assert whole(**batch, labels=labels).loss > want.mean() + 0.1  # the whole vocabulary's softmax: another loss
+    with pytest.raises(ValueError, match="label_modality"):
+        model(**batch, loss_labels=labels)
 
 
 # -- encoder-decoder ------------------------------------------------------------------------------

@@ -146,11 +146,13 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-@pytest.mark.parametrize("arch,mode,z", [("encdec", "token_mean", 0.0), ("encdec", "modality_mean", 1e-4), ("decoder", "token_mean", 1e-4)])
-def test_fast_loss_equals_full_logits(token_dir, arch, mode, z):
+@pytest.mark.parametrize("arch,mode,z,softmax", [("encdec", "token_mean", 0.0, []), ("encdec", "modality_mean", 1e-4, []), ("decoder", "token_mean", 1e-4, ["modality_softmax=false"]),
+                                                ("decoder", "modality_mean", 1e-4, ["modality_softmax=true"])])
+def test_fast_loss_equals_full_logits(token_dir, arch, mode, z, softmax):
     """The training loop's loss path (padding skipped by every layer but attention; output layer
-    only at labelled positions; for the encoder-decoder only over each modality's span) gives the
-    loss, per-modality losses and gradients of the full-logits path."""
+    only at labelled positions; for the encoder-decoder, and the decoder-only model with
+    ``modality_softmax``, only over each modality's span) gives the loss, per-modality losses and
+    gradients of the full-logits path."""
     from types import SimpleNamespace
 
     import torch
@@ -166,8 +168,8 @@ def test_fast_loss_equals_full_logits(token_dir, arch, mode, z):
     # padding in every stack, so the loss path's unpadded layers (``Unpadded``) are what is compared
     assert all(not bool(batch[k].all()) for k in (("enc_valid", "dec_valid") if arch == "encdec" else ("attention_mask",)))
     torch.manual_seed(0)
-    model = build_model(cfg.model_spec(), vocab=vocab, overrides=["dim=64"]).train()
-    if arch == "encdec":
+    model = build_model(cfg.model_spec(), vocab=vocab, overrides=["dim=64", *softmax]).train()
+    if hasattr(model, "spans"):
         assert any(hi - lo < vocab.size // 2 for lo, hi in model.spans)  # image modalities: a fraction of the vocabulary
 
     def grads():
@@ -175,7 +177,8 @@ def test_fast_loss_equals_full_logits(token_dir, arch, mode, z):
         model.zero_grad(set_to_none=True)
         return out
 
-    full, full_mod = compute_loss(model(**batch).logits, labels, label_modality, arch == "decoder", mode, z)
+    extra = {"label_modality": label_modality} if arch == "decoder" else {}  # the decoder's per-modality softmax reads it
+    full, full_mod = compute_loss(model(**batch, **extra).logits, labels, label_modality, arch == "decoder", mode, z)
     full.backward()
     g_full = grads()
     fast, fast_mod = model_loss(SimpleNamespace(forward=lambda b: model(**b)), batch, labels, label_modality, arch, mode, z)

@@ -23,7 +23,8 @@ from fourm.vocab import SharedVocab
 
 
 def _batch(model, pairs: list[tuple[dict, dict]], vocab: SharedVocab, grids: dict[str, int], kinds: dict[str, str], source: str, target: str) -> dict:
-    """(condition sample, target sample) pairs -> one collated batch, ``label_modality`` dropped."""
+    """(condition sample, target sample) pairs -> one collated batch (``label_modality`` kept only
+    for the decoder-only model, whose per-modality softmax reads it)."""
     rng = np.random.default_rng(0)  # unused with shuffle=False and a given n_condition
     examples = []
     for cond, tgt in pairs:
@@ -33,7 +34,8 @@ def _batch(model, pairs: list[tuple[dict, dict]], vocab: SharedVocab, grids: dic
         else:
             examples.append(decoder_example(tokens, vocab, grids, rng, n_condition=1, shuffle=False))
     batch = (collate_encdec if model.config.arch == "encdec" else collate_decoder)(examples)
-    batch.pop("label_modality")
+    if model.config.arch == "encdec":
+        batch.pop("label_modality")
     return batch
 
 
@@ -52,8 +54,8 @@ def condition_gap(model, samples: list[dict[str, np.ndarray]], vocab: SharedVoca
 
     Returns {"own", "other", "gap" (= other - own; > 0 when the condition is read), "samples"}.
     """
-    order = getattr(model.config, "modalities", None)  # the encoder-decoder's modality indices
-    if order is not None and list(order) != list(vocab.modalities):
+    order = getattr(model.config, "modalities", None)  # the models' modality indices
+    if order and list(order) != list(vocab.modalities):
         raise ValueError(f"the model lists its modalities as {', '.join(order)}, the data as {', '.join(vocab.modalities)}: load it with fourm.models.grow.load_for_vocab(directory, vocab)")
     usable = [s for s in samples if source in s and target in s]
     if len(usable) < 2:

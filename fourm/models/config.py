@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -18,12 +18,16 @@ def llama_mlp_hidden(dim: int, multiple_of: int = 64) -> int:
 
 @dataclass
 class TransformerConfig:
-    """Fields common to ``DecoderConfig`` and ``EncDecConfig``; ``vocab_size`` comes from the
-    tokenizer set's vocabulary."""
+    """Fields common to ``DecoderConfig`` and ``EncDecConfig``; ``vocab_size``, ``modalities`` and
+    ``modality_ranges`` come from the tokenizer set's vocabulary
+    (``fourm.models.build.config_from_vocab``)."""
 
     ARCH: ClassVar[str] = ""
     arch: str = ""
     vocab_size: int = 0
+    modalities: list[str] = field(default_factory=list)
+    # modality -> list of [start, stop) id ranges its tokens may take (EOS included for sequences)
+    modality_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
     dim: int = 256
     n_heads: int = 4
     n_kv_heads: int = 4

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, output_logits, rope_cos_sin, z_loss
+from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -25,11 +25,21 @@ IGNORE_INDEX = -100
 
 @dataclass
 class DecoderConfig(TransformerConfig):
-    """A decoder-only model (see ``TransformerConfig`` for the shared fields)."""
+    """A decoder-only model (see ``TransformerConfig`` for the shared fields).
+
+    ``modality_softmax``: train each token's softmax over its modality's ids only (the ids
+    generation samples it from; the encoder-decoder's and 4M's per-modality output), not over the
+    whole vocabulary as Chameleon does; [BOS] and the begin/end tags keep the whole vocabulary. The
+    output layer then runs, per modality, on its span of rows. (The end tag, which counts for the
+    modality it closes, is not one of its ids: it keeps the whole vocabulary too.) Needs ``modalities`` and
+    ``modality_ranges`` (filled from the vocabulary) and the tokens' modalities at the loss
+    (``label_modality``). Logits outside a token's modality are then untrained: constrain
+    sampling to the target modality (fourm's generation does)."""
 
     ARCH: ClassVar[str] = "decoder"
     arch: str = "decoder"
     n_layers: int = 4
+    modality_softmax: bool = False
 
 
 class DecoderLM(nn.Module, Pretrained):
@@ -47,6 +57,13 @@ class DecoderLM(nn.Module, Pretrained):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if config.modality_softmax:
+            if not config.modalities:
+                raise ValueError("modality_softmax needs the modalities and their id ranges (build the model with the vocabulary)")
+            # one row per modality, and a last one, the whole vocabulary, for [BOS], tags and padding
+            allowed, spans = modality_tables(config.vocab_size, config.modalities + ["(tags)"], {**config.modality_ranges, "(tags)": [[0, config.vocab_size]]})
+            self.register_buffer("allowed", allowed, persistent=False)
+            self.spans = spans
         self.apply(_init_weights)
 
     def new_cache(self, capacity: int = 256, static: bool = False) -> list[KVCache]:
@@ -66,6 +83,7 @@ class DecoderLM(nn.Module, Pretrained):
         logits_span: tuple[int, int] | None = None,
         cache_position: torch.Tensor | None = None,
         loss_labels: torch.Tensor | None = None,
+        label_modality: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Args:
             input_ids: (B, T) shared-vocabulary ids.
@@ -84,6 +102,11 @@ class DecoderLM(nn.Module, Pretrained):
                 only at positions whose next label is not -100 -> ``ce`` (N,), ``lse`` (N,)
                 (logsumexp, for the z-loss) and ``index`` (N,) into the flattened (B, T - 1)
                 shifted positions. Same values as cross-entropy of the full logits there.
+            label_modality: (B, T) each token's index in ``config.modalities`` (-1 for [BOS], tags
+                and padding), as ``collate_decoder`` gives it. With ``modality_softmax`` the
+                softmax at t is over the ids of token t + 1's modality (``_softmax_groups``): the
+                loss paths need it, and the full logits are then -inf outside that modality
+                (ignored otherwise).
         """
         b, t = input_ids.shape
         if cache_position is not None:
@@ -98,10 +121,16 @@ class DecoderLM(nn.Module, Pretrained):
                 positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
             mask = _mask(b, t, past, attention_mask, prefix_len, input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
+        per_modality = self.config.modality_softmax
+        if per_modality and label_modality is None and (loss_labels is not None or labels is not None):
+            raise ValueError("this model's softmax is per modality (modality_softmax): pass label_modality (collate_decoder's) with the labels")
+        groups = self._softmax_groups(input_ids, label_modality) if per_modality and label_modality is not None else None
         layout = None
         if loss_labels is not None:
             y = loss_labels[:, 1:].reshape(-1)
             index = (y != IGNORE_INDEX).nonzero()[:, 0]  # into the flattened (B, T - 1) shifted positions
+            if groups is not None:  # rows of one modality together, for span_cross_entropy
+                index = index[torch.argsort(groups.reshape(-1)[index], stable=True)]
             source = index // (t - 1) * t + index % (t - 1)  # shifted position (b, t) is place b * T + t of the (B, T) batch
             if attention_mask is not None and past_key_values is None:  # a padded batch: every layer but attention on real tokens only
                 layout = Unpadded.of(attention_mask, needed=source)
@@ -112,12 +141,18 @@ class DecoderLM(nn.Module, Pretrained):
             x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None, cache_position=cache_position, layout=layout)
         if loss_labels is not None:
             h = x[:, :-1].reshape(-1, x.shape[-1])[index] if layout is None else x[0][layout.rows(source)]
-            picked = self.lm_head(self.norm(h)).float()
-            ce = F.cross_entropy(picked, y[index], reduction="none")
-            return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=torch.logsumexp(picked, dim=-1), index=index)
+            if groups is not None:
+                ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y[index], groups.reshape(-1)[index], self.spans, self.allowed)
+            else:
+                picked = self.lm_head(self.norm(h)).float()
+                ce, lse = F.cross_entropy(picked, y[index], reduction="none"), torch.logsumexp(picked, dim=-1)
+            return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=lse, index=index)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = output_logits(self.lm_head, self.norm(x), logits_span)
+        if groups is not None and not logits_to_keep and logits_span is None:
+            last = torch.full_like(groups[:, :1], len(self.spans) - 1)  # the last position predicts nothing labelled
+            logits = logits.masked_fill(~self.allowed[torch.cat([groups, last], 1)], float("-inf"))
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float()
@@ -125,6 +160,16 @@ class DecoderLM(nn.Module, Pretrained):
             if self.config.z_loss:
                 loss = loss + z_loss(shifted[labels[:, 1:] != IGNORE_INDEX], self.config.z_loss)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
+
+    def _softmax_groups(self, input_ids: torch.Tensor, label_modality: torch.Tensor) -> torch.Tensor:
+        """(B, T - 1): which softmax position t uses (``modality_softmax``), an index into
+        ``self.spans``: token t + 1's modality, or the last entry (the whole vocabulary) where token
+        t + 1 is not one of its modality's ids ([BOS], tags, the end tag that counts for the
+        modality it closes, padding). Teacher forcing: token t + 1 is the input there."""
+        whole = len(self.spans) - 1
+        nxt = label_modality[:, 1:]
+        group = torch.where(nxt < 0, whole, nxt)
+        return torch.where(self.allowed[group, input_ids[:, 1:]], group, whole)
 
 
 def _mask(b: int, t: int, past: int, attention_mask, prefix_len, device):

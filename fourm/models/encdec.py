@@ -17,7 +17,7 @@ offset 0, as the decoder-only model does in self-attention (both modalities shar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
 from fourm.models.decoder import IGNORE_INDEX, _init_weights
-from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, output_logits, rope_cos_sin, z_loss
+from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
 from fourm.models.pretrained import Pretrained
@@ -34,14 +34,11 @@ from fourm.models.pretrained import Pretrained
 
 @dataclass
 class EncDecConfig(TransformerConfig):
-    """An encoder-decoder model (see ``TransformerConfig`` for the shared fields). ``modalities``
-    and ``modality_ranges`` come from the vocabulary (``fourm.models.build.config_from_vocab``)."""
+    """An encoder-decoder model (see ``TransformerConfig`` for the shared fields; it needs
+    ``modalities`` and ``modality_ranges``)."""
 
     ARCH: ClassVar[str] = "encdec"
     arch: str = "encdec"
-    modalities: list[str] = field(default_factory=list)
-    # modality -> list of [start, stop) id ranges its targets may take (EOS included for sequences)
-    modality_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
     enc_layers: int = 4
     dec_layers: int = 4
     # RoPE in cross-attention: queries at their positions, keys at the encoder tokens' (see
@@ -67,14 +64,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        allowed = torch.zeros(len(config.modalities), config.vocab_size, dtype=torch.bool)
-        for i, m in enumerate(config.modalities):
-            for start, stop in config.modality_ranges.get(m, []):
-                allowed[i, start:stop] = True
+        # per modality, the ids its targets may take and the smallest id span holding them
+        allowed, self.spans = modality_tables(config.vocab_size, config.modalities, config.modality_ranges)
         self.register_buffer("allowed", allowed, persistent=False)
-        # per modality, the smallest id span holding every id its targets may take
-        ranges = [config.modality_ranges.get(m) or [[0, config.vocab_size]] for m in config.modalities]
-        self.spans = [(min(r[0] for r in rs), max(r[1] for r in rs)) for rs in ranges]
         self.apply(_init_weights)
 
     def modality_index(self, name: str) -> int:
@@ -184,26 +176,8 @@ class EncoderDecoder(nn.Module, Pretrained):
         index = flat.nonzero()[:, 0][order]
         h = hidden[0][layout.rows(index)] if layout is not None else hidden.reshape(-1, hidden.shape[-1])[index]
         y = labels.reshape(-1)[index]
-        mods = mods[order]
-        # ZeRO-3 gathers the output layer at each call: call it exactly once on every rank (ranks
-        # hold different modality groups, and a rank may have none), then slice the columns
-        full = self.lm_head(h) if hasattr(self.lm_head.weight, "ds_id") else None
-        ce, lse = [], []
-        start = 0
-        for m, n in zip(*torch.unique_consecutive(mods, return_counts=True)):
-            lo, hi = self.spans[int(m)]
-            rows = slice(start, start + int(n))
-            start += int(n)
-            logits = (full[rows, lo:hi] if full is not None else output_logits(self.lm_head, h[rows], (lo, hi))).float()
-            allowed = self.allowed[int(m), lo:hi]
-            if not bool(allowed.all()):
-                logits = logits.masked_fill(~allowed, float("-inf"))
-            ce.append(F.cross_entropy(logits, y[rows] - lo, reduction="none"))
-            lse.append(torch.logsumexp(logits, dim=-1))
-        if not ce:
-            zero = hidden.sum() * 0.0 + (full.sum() * 0.0 if full is not None else 0.0)
-            return {"ce": zero.reshape(1)[:0], "lse": zero.reshape(1)[:0], "index": index}
-        return {"ce": torch.cat(ce), "lse": torch.cat(lse), "index": index}
+        ce, lse = span_cross_entropy(self.lm_head, h, y, mods[order], self.spans, self.allowed)
+        return {"ce": ce, "lse": lse, "index": index}
 
     def forward(
         self,

@@ -85,12 +85,13 @@ def grow_model(model: torch.nn.Module, old: SharedVocab, new: SharedVocab) -> to
 def fit_to_vocab(model: torch.nn.Module, old: SharedVocab, new: SharedVocab) -> torch.nn.Module:
     """``model`` (built for ``old``) ready for examples laid out with ``new``: itself when the ids and
     the model's modality order agree, else ``grow_model``'s copy. The order matters on its own: an
-    encoder-decoder indexes its modality embeddings and id ranges by position in
+    encoder-decoder indexes its modality embeddings and id ranges (a decoder-only model with
+    ``modality_softmax`` its id ranges) by position in
     ``config.modalities``, examples by position in their vocabulary, and a token manifest lists
     modalities sorted while a model built from a tokenizer set keeps the set's order.
     """
-    order = getattr(model.config, "modalities", None)
-    if old.to_json() == new.to_json() and (order is None or list(order) == list(new.modalities)):
+    order = getattr(model.config, "modalities", None)  # empty in a decoder-only model saved without them
+    if old.to_json() == new.to_json() and (not order or list(order) == list(new.modalities)):
         return model
     return grow_model(model, old, new)
 
@@ -111,7 +112,7 @@ def load_for_vocab(directory: str | os.PathLike, vocab: SharedVocab) -> tuple[to
         if model.config.vocab_size != vocab.size:
             raise ValueError(f"{directory} has no {VOCAB_FILE} and {model.config.vocab_size} ids; the data have {vocab.size}")
         order = getattr(model.config, "modalities", None)
-        if order is None or sorted(order) != sorted(vocab.modalities):
+        if not order or sorted(order) != sorted(vocab.modalities):
             return model, vocab
         # the same ids taken on trust (as ever without the file), the modalities in the model's order
         old = dataclasses.replace(vocab, modalities={m: vocab.modalities[m] for m in order})

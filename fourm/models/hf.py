@@ -55,7 +55,12 @@ def _common(c: DecoderConfig) -> dict:
 
 
 def to_hf(model: DecoderLM) -> torch.nn.Module:
-    """An equivalent ``transformers`` model (Llama or Chameleon, by QK-norm), float32, eval mode."""
+    """An equivalent ``transformers`` model (Llama or Chameleon, by QK-norm), float32, eval mode.
+
+    Its logits equal ours. A model trained with ``modality_softmax`` never trained a token's
+    logits outside its modality: generate from the export with the target modality's ids only
+    (for example a ``transformers`` ``LogitsProcessor`` that sets the others to -inf), as fourm's
+    own generation does."""
     c = model.config
     if c.qk_norm == "none":
         from transformers import LlamaConfig, LlamaForCausalLM

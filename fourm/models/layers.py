@@ -401,3 +401,48 @@ def output_logits(head: nn.Module, h: torch.Tensor, span: tuple[int, int] | None
 def z_loss(logits: torch.Tensor, weight: float) -> torch.Tensor:
     """weight * mean(logsumexp(logits)^2): keeps the softmax normaliser near 1 (PaLM, Chameleon)."""
     return weight * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def modality_tables(vocab_size: int, modalities: list[str], modality_ranges: dict[str, list[list[int]]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The ids each modality's tokens may take, from a config's ``modality_ranges``.
+
+    Returns (allowed (M, V) bool, spans): row i marks modality ``modalities[i]``'s ids, and
+    ``spans[i]`` is the smallest id range [lo, hi) holding them (the whole vocabulary for a
+    modality without ranges)."""
+    allowed = torch.zeros(len(modalities), vocab_size, dtype=torch.bool)
+    spans = []
+    for i, m in enumerate(modalities):
+        ranges = modality_ranges.get(m) or [[0, vocab_size]]
+        for start, stop in ranges:
+            allowed[i, start:stop] = True
+        spans.append((min(r[0] for r in ranges), max(r[1] for r in ranges)))
+    return allowed, spans
+
+
+def span_cross_entropy(head: nn.Module, h: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, spans: list[tuple[int, int]], allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each row of ``h`` with its softmax over its group's ids only: the output
+    layer runs, per group, on that group's span of rows (``output_logits``), and ids in the span
+    that the group does not allow are -inf.
+
+    h (N, dim); y (N,) target ids; groups (N,) indices into ``spans`` / ``allowed`` (G, V), sorted
+    (rows of one group together). Returns (ce (N,), lse (N,) logsumexp of each row's logits, for
+    the z-loss), float32, in the rows' order."""
+    # ZeRO-3 gathers the output layer at each call: call it exactly once on every rank (ranks
+    # hold different groups, and a rank may have none), then slice the columns
+    full = head(h) if hasattr(head.weight, "ds_id") else None
+    ce, lse = [], []
+    start = 0
+    for g, n in zip(*torch.unique_consecutive(groups, return_counts=True)):
+        lo, hi = spans[int(g)]
+        rows = slice(start, start + int(n))
+        start += int(n)
+        logits = (full[rows, lo:hi] if full is not None else output_logits(head, h[rows], (lo, hi))).float()
+        ok = allowed[int(g), lo:hi]
+        if not bool(ok.all()):
+            logits = logits.masked_fill(~ok, float("-inf"))
+        ce.append(F.cross_entropy(logits, y[rows] - lo, reduction="none"))
+        lse.append(torch.logsumexp(logits, dim=-1))
+    if not ce:  # no labelled token: zeros that keep the graph (and ZeRO-3's gathers) whole
+        zero = h.sum() * 0.0 + (full.sum() * 0.0 if full is not None else 0.0)
+        return zero.reshape(1)[:0], zero.reshape(1)[:0]
+    return torch.cat(ce), torch.cat(lse)

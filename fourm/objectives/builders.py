@@ -185,8 +185,9 @@ def collate_encdec(examples: list[EncDecExample], pad_id: int = 0) -> dict[str, 
 
 def collate_decoder(examples: list[DecoderExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Batch for ``DecoderLM.forward(**batch)``: input_ids, labels, positions, attention_mask and
-    prefix_len (None when every example is plain next-token); plus ``label_modality`` (B, T),
-    which the training loop pops (see ``collate_encdec``)."""
+    prefix_len (None when every example is plain next-token); plus ``label_modality`` (B, T), each
+    token's modality (-1 for [BOS], tags and padding), which a model with ``modality_softmax``
+    reads and the training loop uses to group the loss by modality."""
     ids, valid = _pad([e.ids for e in examples], pad_id)
     prefix = torch.tensor([e.prefix_len for e in examples])
     return {

@@ -148,10 +148,11 @@ def reduce_token_losses(ce: torch.Tensor, mods: torch.Tensor, lse: torch.Tensor 
 
 def model_loss(engine, batch: dict, labels: torch.Tensor, label_modality: torch.Tensor, arch: str, mode: str, z_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
     """Forward + loss of one batch, without (B, T, V) logits: the model's ``loss_labels`` path runs
-    the output layer only at labelled positions (the encoder-decoder also only over each
-    modality's id span, where its logits are finite). The same values as ``compute_loss`` on full
-    logits (tested)."""
-    out = engine.forward({**batch, "loss_labels": labels})
+    the output layer only at labelled positions (the encoder-decoder, and a decoder-only model
+    with ``modality_softmax``, also only over each modality's id span, where its logits are
+    finite). The same values as ``compute_loss`` on full logits (tested)."""
+    extra = {"label_modality": label_modality} if arch == "decoder" else {}  # the decoder's per-modality softmax reads it
+    out = engine.forward({**batch, **extra, "loss_labels": labels})
     mods = label_modality.to(out.ce.device)
     mods = (mods[:, 1:] if arch == "decoder" else mods).reshape(-1)[out.index]
     return reduce_token_losses(out.ce, mods, out.lse, mode, z_weight)

@@ -14,8 +14,7 @@ from fourm.training.loop import TrainConfig
 def plan(cfg: TrainConfig, gpus_per_node: int, nodes: int, vocab_size: int, seq_len: int) -> dict:
     """Numbers for ``launch/plan.py`` (model built on the meta device: no memory)."""
     spec = {**cfg.model_spec(), "vocab_size": vocab_size}
-    if spec.get("arch") == "encdec":
-        spec.setdefault("modalities", ["rgb", "depth", "semseg", "boxes", "caption"])
+    spec.setdefault("modalities", ["rgb", "depth", "semseg", "boxes", "caption"])  # the encoder-decoder's and a per-modality softmax's need them
     with torch.device("meta"):
         model = build_model(spec)
     total = count_parameters(model)
