@@ -107,7 +107,7 @@ def print_tables(result: dict) -> None:
         for name, e in result["train_encdec"].items():
             rows.append([f"encdec_tiny, {name}, batch {e['batch']} ({100 * e['real_fraction']:.0f}% real tokens; padded: {e['padded_tokens_per_s']:.0f}, {e['skip_padding_speedup']:.2f}x)", f"{e['tokens_per_s']:.0f}", "", "", f"{100 * e['mfu']:.1f}%"])
         dtype = "bf16 autocast" if result.get("peak", {}).get("bf16_native", True) else "fp32 (no native bf16)"
-        print(markdown_table([f"training step, {dtype} (tokens/s)", "fourm", "HF Llama", "ratio", "MFU fourm / HF"], rows) + "\n")
+        print(markdown_table([f"training step, {dtype} (tokens/s, best step)", "fourm", "HF Llama", "ratio (median of paired rounds)", "MFU fourm / HF"], rows) + "\n")
     if "loader_samples_per_s" in result:
         ratio = result.get("loader_vs_training")
         print(f"token-shard reader: {result['loader_samples_per_s']:.0f} samples/s" + (f" = {ratio:.1f}x the encdec training step's consumption" if ratio else ""))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -22,18 +23,33 @@ def _best(fn, repeats: int) -> float:
     return _best_interleaved([fn], repeats)[0]
 
 
-def _best_interleaved(fns: list, repeats: int) -> list[float]:
-    """Best time of each function, the functions taking turns (after one warm-up call each) so
-    that a slow spell of a shared machine hits them alike."""
+def _rounds(fns: list, repeats: int) -> list[list[float]]:
+    """Seconds of each call, rounds[r][i] for function i in round r, the functions taking turns
+    (after one warm-up call each) so that a slow spell of a shared machine hits them alike."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    rounds = []
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        times = []
+        for fn in fns:
             start = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+            times.append(time.perf_counter() - start)
+        rounds.append(times)
+    return rounds
+
+
+def _best_interleaved(fns: list, repeats: int) -> list[float]:
+    """Best time of each function over ``_rounds``."""
+    return [min(column) for column in zip(*_rounds(fns, repeats))]
+
+
+def _paired(rounds: list[list[float]], slow: int, fast: int) -> float:
+    """How many times faster function ``fast`` ran than ``slow``: the median over rounds of the
+    ratio of their times in one round. On a VM whose speed drifts by a fifth from one step to
+    the next, this is steadier than the ratio of best times (calls of one round see the same
+    spell)."""
+    return statistics.median(r[slow] / r[fast] for r in rounds)
 
 
 @torch.no_grad()
@@ -191,9 +207,12 @@ def _flops(fn) -> float:
 
 def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch_size: int = 16, overrides: tuple = ("qk_norm=none",), compile: bool = False) -> dict:
     """Decoder-only training step, ours vs ``transformers.LlamaForCausalLM`` of the identical shape
-    (the same weights through the Llama export), same batch, bf16 autocast both: tokens/s, MFU.
-    ``compile``: also both through ``torch.compile`` (the training loop's ``compile: true``), the
-    four steps taking turns (the one-off compiles happen in the untimed warm-up) -> ``compiled``."""
+    (the same weights through the Llama export), same batch, bf16 autocast both: tokens/s and MFU
+    of the best of ``repeats`` steps, the ratios as the median of paired rounds (``_paired``).
+    A model with ``modality_softmax`` (the presets') is also timed with the whole vocabulary's
+    softmax -> ``whole_softmax``. ``compile``: also both through ``torch.compile`` (the training
+    loop's ``compile: true``), all steps taking turns (the one-off compiles happen in the untimed
+    warm-up) -> ``compiled``."""
     from fourm.models.hf import to_hf
 
     cfg, vocab, data = _stream(tokens_dir, "configs/train/tiny_decoder.yaml", [f"data.batch_size={batch_size}", "data.num_workers=0"])
@@ -215,16 +234,17 @@ def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch
     steps = [ours_step, hf_step] + ([_whole_softmax(model, ours_step)] if per_modality else [])
     if compile:
         steps += [_step_fn(torch.compile(model), batch, shift=True), hf_step_fn(torch.compile(hf))]
-    times = _best_interleaved(steps, repeats)
+    rounds = _rounds(steps, repeats)
+    times = [min(column) for column in zip(*rounds)]
     n = int(batch["attention_mask"].sum())
     flops, hf_flops = _flops(ours_step), _flops(hf_step)  # the eager steps: compiling leaves the FLOPs as they are
-    out = {"batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": n, "ours_tokens_per_s": n / times[0], "hf_tokens_per_s": n / times[1], "speedup": times[1] / times[0],
+    out = {"batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": n, "ours_tokens_per_s": n / times[0], "hf_tokens_per_s": n / times[1], "speedup": _paired(rounds, 1, 0),
            "ours_mfu": flops / times[0] / (peak_tflops * 1e12), "hf_mfu": hf_flops / times[1] / (peak_tflops * 1e12), "modality_softmax": per_modality}
     if per_modality:  # the same model with Chameleon's softmax over the whole vocabulary
-        out["whole_softmax"] = {"ours_tokens_per_s": n / times[2], "speedup": times[1] / times[2], "modality_softmax_speedup": times[2] / times[0]}
+        out["whole_softmax"] = {"ours_tokens_per_s": n / times[2], "speedup": _paired(rounds, 1, 2), "modality_softmax_speedup": _paired(rounds, 2, 0)}
     if compile:
         c = 3 if per_modality else 2
-        out["compiled"] = {"ours_tokens_per_s": n / times[c], "hf_tokens_per_s": n / times[c + 1], "speedup": times[c + 1] / times[c], "speedup_vs_hf_eager": times[1] / times[c],
+        out["compiled"] = {"ours_tokens_per_s": n / times[c], "hf_tokens_per_s": n / times[c + 1], "speedup": _paired(rounds, c + 1, c), "speedup_vs_hf_eager": _paired(rounds, 1, c),
                            "ours_mfu": flops / times[c] / (peak_tflops * 1e12), "hf_mfu": hf_flops / times[c + 1] / (peak_tflops * 1e12)}
     return out
 
@@ -271,10 +291,11 @@ def training_encdec(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batc
         torch.manual_seed(0)
         model = build_model(cfg.model_spec(), vocab=vocab).train()
         step = _step_fn(model, batch, shift=False)
-        seconds, padded = _best_interleaved([step, _padded(step)], repeats)
+        rounds = _rounds([step, _padded(step)], repeats)
+        seconds, padded = (min(column) for column in zip(*rounds))
         n = int(batch["enc_valid"].sum() + batch["dec_valid"].sum())
         out[name] = {"batch": batch_size, "tokens": n, "tokens_per_s": n / seconds, "mfu": _flops(step) / seconds / (peak_tflops * 1e12), "samples_per_s": batch_size / seconds,
-                     "real_fraction": n / (batch["enc_valid"].numel() + batch["dec_valid"].numel()), "padded_tokens_per_s": n / padded, "skip_padding_speedup": padded / seconds}
+                     "real_fraction": n / (batch["enc_valid"].numel() + batch["dec_valid"].numel()), "padded_tokens_per_s": n / padded, "skip_padding_speedup": _paired(rounds, 1, 0)}
     return out
 
 
