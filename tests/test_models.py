@@ -321,6 +321,15 @@ def test_decoder_modality_softmax_is_cross_entropy_over_the_next_tokens_modality
     assert whole(**batch, labels=labels).loss > want.mean() + 0.1  # the whole vocabulary's softmax: another loss
     with pytest.raises(ValueError, match="label_modality"):
         model(**batch, loss_labels=labels)
+    for name in ("caption", "boxes"):  # begin tags carry no modality (an end tag does: the one it closes)
+        assert (label_modality[batch["input_ids"] == VOCAB.begin_id(name)] == -1).all()
+        assert (label_modality[batch["input_ids"] == VOCAB.end_id(name)] == list(VOCAB.modalities).index(name)).all()
+    odd = labels.clone()  # a label that is not the next input (Hugging Face's convention allows it): outside its modality
+    b, t = (labels[:, 1:] != -100).nonzero()[0].tolist()
+    odd[b, t + 1] = VOCAB.end_id("rgb")
+    fast = model(**batch, loss_labels=odd, label_modality=label_modality)
+    assert torch.isfinite(fast.ce).all()
+    torch.testing.assert_close(model(**batch, labels=odd, label_modality=label_modality).loss, fast.ce.mean(), atol=1e-5, rtol=1e-5)
 
 
 # -- encoder-decoder ------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ class DecoderConfig(TransformerConfig):
     """A decoder-only model (see ``TransformerConfig`` for the shared fields).
 
     ``modality_softmax``: train each token's softmax over its modality's ids only (the ids
-    generation samples it from; the encoder-decoder's and 4M's per-modality output), not over the
+    generation samples it from, plus the span-masking sentinels for captions and boxes, as the
+    encoder-decoder's; 4M's per-modality output), not over the
     whole vocabulary as Chameleon does; [BOS] and the begin/end tags keep the whole vocabulary. The
     output layer then runs, per modality, on its span of rows. (The end tag, which counts for the
     modality it closes, is not one of its ids: it keeps the whole vocabulary too.) Needs ``modalities`` and
@@ -124,7 +125,11 @@ class DecoderLM(nn.Module, Pretrained):
         per_modality = self.config.modality_softmax
         if per_modality and label_modality is None and (loss_labels is not None or labels is not None):
             raise ValueError("this model's softmax is per modality (modality_softmax): pass label_modality (collate_decoder's) with the labels")
-        groups = self._softmax_groups(input_ids, label_modality) if per_modality and label_modality is not None else None
+        if per_modality and label_modality is not None:
+            targets = loss_labels if loss_labels is not None else labels if labels is not None else input_ids
+            groups = self._softmax_groups(torch.where(targets < 0, input_ids, targets), label_modality)
+        else:
+            groups = None
         layout = None
         if loss_labels is not None:
             y = loss_labels[:, 1:].reshape(-1)
@@ -161,15 +166,16 @@ class DecoderLM(nn.Module, Pretrained):
                 loss = loss + z_loss(shifted[labels[:, 1:] != IGNORE_INDEX], self.config.z_loss)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
 
-    def _softmax_groups(self, input_ids: torch.Tensor, label_modality: torch.Tensor) -> torch.Tensor:
+    def _softmax_groups(self, targets: torch.Tensor, label_modality: torch.Tensor) -> torch.Tensor:
         """(B, T - 1): which softmax position t uses (``modality_softmax``), an index into
-        ``self.spans``: token t + 1's modality, or the last entry (the whole vocabulary) where token
-        t + 1 is not one of its modality's ids ([BOS], tags, the end tag that counts for the
-        modality it closes, padding). Teacher forcing: token t + 1 is the input there."""
+        ``self.spans``: token t + 1's modality, or the last entry (the whole vocabulary) where the
+        target id at t + 1 (``targets`` (B, T): the labels, else the inputs) is not one of its
+        modality's ids ([BOS], tags, the end tag that counts for the modality it closes, padding),
+        so that no label falls outside its softmax."""
         whole = len(self.spans) - 1
         nxt = label_modality[:, 1:]
         group = torch.where(nxt < 0, whole, nxt)
-        return torch.where(self.allowed[group, input_ids[:, 1:]], group, whole)
+        return torch.where(self.allowed[group, targets[:, 1:]], group, whole)
 
 
 def _mask(b: int, t: int, past: int, attention_mask, prefix_len, device):

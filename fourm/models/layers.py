@@ -442,7 +442,7 @@ def span_cross_entropy(head: nn.Module, h: torch.Tensor, y: torch.Tensor, groups
             logits = logits.masked_fill(~ok, float("-inf"))
         ce.append(F.cross_entropy(logits, y[rows] - lo, reduction="none"))
         lse.append(torch.logsumexp(logits, dim=-1))
-    if not ce:  # no labelled token: zeros that keep the graph (and ZeRO-3's gathers) whole
-        zero = h.sum() * 0.0 + (full.sum() * 0.0 if full is not None else 0.0)
+    if not ce:  # no labelled token: zeros that keep the graph (the output layer's too: DDP, ZeRO-3's gathers) whole
+        zero = h.sum() * 0.0 + (full.sum() * 0.0 if full is not None else sum(p.sum() for p in head.parameters()) * 0.0)
         return zero.reshape(1)[:0], zero.reshape(1)[:0]
     return torch.cat(ce), torch.cat(lse)

@@ -144,10 +144,10 @@ def decoder_example(tokens: dict[str, np.ndarray], vocab: SharedVocab, grids: di
     for m in targets:
         start, stop = seq.spans[m]
         labels[start : stop + 1] = ids[start : stop + 1]  # content + end tag
-    modality = seq.modality.numpy().copy()
-    for t in range(1, len(modality)):  # an end tag counts for the modality it closes
-        if modality[t] < 0 and modality[t - 1] >= 0:
-            modality[t] = modality[t - 1]
+    packed = seq.modality.numpy()
+    modality = packed.copy()
+    closing = np.flatnonzero((packed[1:] < 0) & (packed[:-1] >= 0)) + 1
+    modality[closing] = packed[closing - 1]  # an end tag counts for the modality it closes (the next begin tag does not)
     return DecoderExample(ids=ids, labels=labels, positions=seq.positions.numpy(), modality=modality, prefix_len=prefix_len if condition else 0)
 
 
@@ -186,8 +186,9 @@ def collate_encdec(examples: list[EncDecExample], pad_id: int = 0) -> dict[str, 
 def collate_decoder(examples: list[DecoderExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Batch for ``DecoderLM.forward(**batch)``: input_ids, labels, positions, attention_mask and
     prefix_len (None when every example is plain next-token); plus ``label_modality`` (B, T), each
-    token's modality (-1 for [BOS], tags and padding), which a model with ``modality_softmax``
-    reads and the training loop uses to group the loss by modality."""
+    token's modality (an end tag counts for the modality it closes; -1 for [BOS], begin tags and
+    padding), which a model with ``modality_softmax`` reads and the training loop uses to group
+    the loss by modality."""
     ids, valid = _pad([e.ids for e in examples], pad_id)
     prefix = torch.tensor([e.prefix_len for e in examples])
     return {
