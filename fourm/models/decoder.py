@@ -29,13 +29,13 @@ class DecoderConfig(TransformerConfig):
 
     ``modality_softmax``: train each token's softmax over its modality's ids only (the ids
     generation samples it from, plus the span-masking sentinels for captions and boxes, as the
-    encoder-decoder's; 4M's per-modality output), not over the
-    whole vocabulary as Chameleon does; [BOS] and the begin/end tags keep the whole vocabulary. The
-    output layer then runs, per modality, on its span of rows. (The end tag, which counts for the
-    modality it closes, is not one of its ids: it keeps the whole vocabulary too.) Needs ``modalities`` and
-    ``modality_ranges`` (filled from the vocabulary) and the tokens' modalities at the loss
-    (``label_modality``). Logits outside a token's modality are then untrained: constrain
-    sampling to the target modality (fourm's generation does)."""
+    encoder-decoder's; 4M's per-modality output), not over the whole vocabulary as Chameleon
+    does; [BOS] and the begin/end tags keep the whole vocabulary (the end tag counts for the
+    modality it closes but is not one of its ids). The output layer then runs, per modality, on
+    its span of rows. Needs ``modalities`` and ``modality_ranges`` (filled from the vocabulary)
+    and the tokens' modalities at the loss (``label_modality``). Logits outside a token's
+    modality are then untrained: constrain sampling to the target modality (fourm's generation
+    does)."""
 
     ARCH: ClassVar[str] = "decoder"
     arch: str = "decoder"
@@ -103,8 +103,9 @@ class DecoderLM(nn.Module, Pretrained):
                 only at positions whose next label is not -100 -> ``ce`` (N,), ``lse`` (N,)
                 (logsumexp, for the z-loss) and ``index`` (N,) into the flattened (B, T - 1)
                 shifted positions. Same values as cross-entropy of the full logits there.
-            label_modality: (B, T) each token's index in ``config.modalities`` (-1 for [BOS], tags
-                and padding), as ``collate_decoder`` gives it. With ``modality_softmax`` the
+            label_modality: (B, T) each token's index in ``config.modalities`` (-1 for [BOS], begin
+                tags and padding; an end tag has the modality it closes), as ``collate_decoder``
+                gives it. With ``modality_softmax`` the
                 softmax at t is over the ids of token t + 1's modality (``_softmax_groups``): the
                 loss paths need it, and the full logits are then -inf outside that modality
                 (ignored otherwise).
