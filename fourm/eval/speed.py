@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fourm.generation.api import GenerationConfig, generate_ids
+from fourm.models import layers
 from fourm.models.build import build_model
 from fourm.models.sequence import pack_sequence
 from fourm.precision import autocast
@@ -39,9 +40,14 @@ def _rounds(fns: list, repeats: int) -> list[list[float]]:
     return rounds
 
 
+def _best_of(rounds: list[list[float]]) -> list[float]:
+    """Best time of each function over ``_rounds``' rounds."""
+    return [min(column) for column in zip(*rounds)]
+
+
 def _best_interleaved(fns: list, repeats: int) -> list[float]:
     """Best time of each function over ``_rounds``."""
-    return [min(column) for column in zip(*_rounds(fns, repeats))]
+    return _best_of(_rounds(fns, repeats))
 
 
 def _paired(rounds: list[list[float]], slow: int, fast: int) -> float:
@@ -231,11 +237,12 @@ def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch
 
     ours_step, hf_step = _step_fn(model, batch, shift=True), hf_step_fn(hf)
     per_modality = model.config.modality_softmax
-    steps = [ours_step, hf_step] + ([_whole_softmax(model, ours_step)] if per_modality else [])
+    # the reference: the same model with Chameleon's softmax over the whole vocabulary, as HF's Llama computes it
+    steps = [ours_step, hf_step] + ([_with_setting(model.config, "modality_softmax", False, ours_step)] if per_modality else [])
     if compile:
         steps += [_step_fn(torch.compile(model), batch, shift=True), hf_step_fn(torch.compile(hf))]
     rounds = _rounds(steps, repeats)
-    times = [min(column) for column in zip(*rounds)]
+    times = _best_of(rounds)
     n = int(batch["attention_mask"].sum())
     flops, hf_flops = _flops(ours_step), _flops(hf_step)  # the eager steps: compiling leaves the FLOPs as they are
     out = {"batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": n, "ours_tokens_per_s": n / times[0], "hf_tokens_per_s": n / times[1], "speedup": _paired(rounds, 1, 0),
@@ -249,32 +256,18 @@ def training_vs_hf(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batch
     return out
 
 
-def _whole_softmax(model, step):
-    """``step`` with the decoder-only model's softmax over the whole vocabulary (Chameleon's, as
-    Hugging Face's Llama computes it) instead of per modality: the reference for what
-    ``modality_softmax`` pays."""
+def _with_setting(owner, name: str, value, step):
+    """``step`` run with ``owner.name`` set to ``value`` and put back as it was afterwards: the
+    benchmark's references (``layers.SKIP_PADDING`` off: what skipping padding pays; a config's
+    ``modality_softmax`` off: what the per-modality softmax pays)."""
 
     def run():
-        before, model.config.modality_softmax = model.config.modality_softmax, False
+        before = getattr(owner, name)
+        setattr(owner, name, value)
         try:
             step()
         finally:
-            model.config.modality_softmax = before
-
-    return run
-
-
-def _padded(step):
-    """``step`` with every layer run on the padded batch (``layers.SKIP_PADDING`` off), the
-    reference for what skipping padding pays."""
-    from fourm.models import layers
-
-    def run():
-        before, layers.SKIP_PADDING = layers.SKIP_PADDING, False
-        try:
-            step()
-        finally:
-            layers.SKIP_PADDING = before
+            setattr(owner, name, before)
 
     return run
 
@@ -291,8 +284,8 @@ def training_encdec(tokens_dir: Path, peak_tflops: float, repeats: int = 3, batc
         torch.manual_seed(0)
         model = build_model(cfg.model_spec(), vocab=vocab).train()
         step = _step_fn(model, batch, shift=False)
-        rounds = _rounds([step, _padded(step)], repeats)
-        seconds, padded = (min(column) for column in zip(*rounds))
+        rounds = _rounds([step, _with_setting(layers, "SKIP_PADDING", False, step)], repeats)
+        seconds, padded = _best_of(rounds)
         n = int(batch["enc_valid"].sum() + batch["dec_valid"].sum())
         out[name] = {"batch": batch_size, "tokens": n, "tokens_per_s": n / seconds, "mfu": _flops(step) / seconds / (peak_tflops * 1e12), "samples_per_s": batch_size / seconds,
                      "real_fraction": n / (batch["enc_valid"].numel() + batch["dec_valid"].numel()), "padded_tokens_per_s": n / padded, "skip_padding_speedup": _paired(rounds, 1, 0)}

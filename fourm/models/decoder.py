@@ -136,7 +136,8 @@ class DecoderLM(nn.Module, Pretrained):
             y = loss_labels[:, 1:].reshape(-1)
             index = (y != IGNORE_INDEX).nonzero()[:, 0]  # into the flattened (B, T - 1) shifted positions
             if groups is not None:  # rows of one modality together, for span_cross_entropy
-                index = index[torch.argsort(groups.reshape(-1)[index], stable=True)]
+                picked_groups, order = groups.reshape(-1)[index].sort(stable=True)
+                index = index[order]
             source = index // (t - 1) * t + index % (t - 1)  # shifted position (b, t) is place b * T + t of the (B, T) batch
             if attention_mask is not None and past_key_values is None:  # a padded batch: every layer but attention on real tokens only
                 layout = Unpadded.of(attention_mask, needed=source)
@@ -148,7 +149,7 @@ class DecoderLM(nn.Module, Pretrained):
         if loss_labels is not None:
             h = x[:, :-1].reshape(-1, x.shape[-1])[index] if layout is None else x[0][layout.rows(source)]
             if groups is not None:
-                ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y[index], groups.reshape(-1)[index], self.spans, self.allowed)
+                ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y[index], picked_groups, self.spans, self.allowed)
             else:
                 picked = self.lm_head(self.norm(h)).float()
                 ce, lse = F.cross_entropy(picked, y[index], reduction="none"), torch.logsumexp(picked, dim=-1)

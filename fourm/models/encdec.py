@@ -171,12 +171,11 @@ class EncoderDecoder(nn.Module, Pretrained):
         B * T) of the N labelled tokens, grouped by modality}.
         """
         flat = (labels != IGNORE_INDEX).reshape(-1)
-        mods = modality.reshape(-1)[flat]
-        order = torch.argsort(mods, stable=True)
+        mods, order = modality.reshape(-1)[flat].sort(stable=True)
         index = flat.nonzero()[:, 0][order]
         h = hidden[0][layout.rows(index)] if layout is not None else hidden.reshape(-1, hidden.shape[-1])[index]
         y = labels.reshape(-1)[index]
-        ce, lse = span_cross_entropy(self.lm_head, h, y, mods[order], self.spans, self.allowed)
+        ce, lse = span_cross_entropy(self.lm_head, h, y, mods, self.spans, self.allowed)
         return {"ce": ce, "lse": lse, "index": index}
 
     def forward(
