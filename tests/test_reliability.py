@@ -312,6 +312,22 @@ def test_too_little_free_space_is_an_error(tmp_path):
         check_free_space(tmp_path, shutil.disk_usage(tmp_path).free + 2**40)
 
 
+def test_model_spec_of_a_resumed_run(tmp_path, caplog):
+    from fourm.training.run_dir import MODEL_SPEC, model_spec
+
+    current = {"arch": "decoder", "dim": 64, "n_layers": 2}
+    assert model_spec(tmp_path, current, {}, resuming=False) is current  # fresh: the preset
+    assert model_spec(tmp_path, current, {}, resuming=True) is current  # a run of before model_spec.json
+    assert "missing" in caplog.text
+    (tmp_path / MODEL_SPEC).write_text(json.dumps({"arch": "decoder", "dim": 64, "n_layers": 1, "qk_norm": "rms"}))
+    assert model_spec(tmp_path, current, {"dim": 32}, resuming=True) == {"arch": "decoder", "dim": 32, "n_layers": 1, "qk_norm": "rms"}
+    assert "n_layers=1 (preset now 2)" in caplog.text and "qk_norm='rms' (preset now None)" in caplog.text
+    for bad in ("{torn", "[1, 2]"):
+        (tmp_path / MODEL_SPEC).write_text(bad)
+        with pytest.raises(ValueError, match="model_spec.json is (unreadable|not a JSON object)"):
+            model_spec(tmp_path, current, {}, resuming=True)
+
+
 def test_kill_resume_program_bad_arguments(tmp_path):
     assert_usage_error(run_program("eval/kill_resume.py", "--tokens", str(tmp_path), "--out", str(tmp_path / "o")), "manifest.json")
     assert_usage_error(run_program("eval/kill_resume.py", "--tokens", str(tmp_path), "--out", str(tmp_path / "o"), "--kills", "-1"), "--kills")

@@ -55,6 +55,32 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(token_dir, tmp_path):
     assert [r["loss"] for r in ma] == [r["loss"] for r in mb]  # no step counted twice or skipped
 
 
+def test_resume_keeps_the_model_config_the_run_started_with(token_dir, tmp_path):
+    """A preset edited between a kill and --resume (a pulled change of a default, say) does not
+    change the model half-way: the run resumes with its own config (model_spec.json) and says
+    where the preset now differs; a model override on --resume that cannot fit the checkpoint is
+    a one-line error."""
+    import yaml
+
+    import fourm
+
+    preset = tmp_path / "preset.yaml"
+    base = {**yaml.safe_load((REPO / "configs/models/decoder_tiny.yaml").read_text()), "dim": 64, "n_layers": 1}
+    preset.write_text(yaml.safe_dump(base))
+    out = tmp_path / "run"
+    args = ["--config", "configs/train/tiny_decoder.yaml", "--data", str(token_dir), "--out", str(out), "--set", f"model_preset={preset}", "--set", "ckpt_every=2", "--set", "data.batch_size=8", "--set", "data.shuffle_buffer=16", "--quiet"]
+    assert run_program("launch/train.py", *args, "--max-steps", "2").returncode == 0
+    assert json.loads((out / "model_spec.json").read_text()) == base
+    preset.write_text(yaml.safe_dump({**base, "n_layers": 2, "modality_softmax": False}))
+    proc = run_program("launch/train.py", *args, "--max-steps", "4", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "n_layers=1 (preset now 2)" in proc.stderr and "modality_softmax=True (preset now False)" in proc.stderr
+    model = fourm.load_model(out / "final")
+    assert model.config.n_layers == 1 and model.config.modality_softmax
+    assert [r["step"] for r in _metrics(out)][-1] == 4
+    assert_usage_error(run_program("launch/train.py", *args, "--max-steps", "6", "--resume", "--set", "model.dim=32"), "does not fit the model", "step-00000004")
+
+
 def test_ranks_and_workers_see_disjoint_samples(token_dir):
     from fourm.objectives.mixture import ObjectiveConfig
     from fourm.training.data import DataSource, StreamConfig, TokenStream

@@ -223,11 +223,19 @@ class Engine:
             optimizer_to_files(self.optimizer, directory)
 
     def load(self, directory: Path) -> None:
-        if self.ds is not None:
-            with weights_only_torch_load():
-                self.ds.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
-            return
-        self.module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(self.device)))
+        """Weights and optimizer state from a checkpoint; ValueError (naming the first difference)
+        when its tensors do not fit this model."""
+        try:
+            if self.ds is not None:
+                with weights_only_torch_load():
+                    self.ds.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
+                return
+            self.module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(self.device)))
+        except RuntimeError as exn:
+            lines = [line.strip() for line in str(exn).splitlines() if line.strip()]
+            if not lines or "state_dict" not in lines[0]:
+                raise
+            raise ValueError(f"checkpoint {directory} does not fit the model ({lines[1] if len(lines) > 1 else lines[0]}): resume with the model config the run started with") from None
         optimizer_from_files(self.optimizer, directory)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

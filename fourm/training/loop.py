@@ -191,7 +191,9 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
     if cfg.init_from:
         model, base_vocab = load_for_vocab(cfg.init_from, vocab)
     else:
-        model = build_model(cfg.model_spec(), vocab=vocab)
+        resuming = resume and ckpt.latest_checkpoint(out) is not None
+        spec = run_dir.model_spec(out, cfg.model_spec(), cfg.model, resuming)
+        model = build_model(spec, vocab=vocab)
     arch = model.config.arch
     cfg.objective.validate(arch)
     if cfg.lora.enabled:
@@ -230,6 +232,8 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
             log.info("--resume: no checkpoint in %s, starting fresh", out)
     if engine.is_main:
         write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
+        if not cfg.init_from:
+            write_text_atomic(out / run_dir.MODEL_SPEC, json.dumps(spec, indent=1) + "\n")
         dropped = run_dir.rewind_metrics(out / "metrics.jsonl", step)
         if dropped:
             log.info("metrics.jsonl: %d records after step %d dropped (they are done again)", dropped, step)

@@ -6,6 +6,8 @@
   adds them up).
 - ``rewind_metrics``: ``metrics.jsonl`` back to the step a run (re)starts from, so that steps logged
   after the last checkpoint of a killed run are not counted twice; a torn last line is dropped.
+- ``model_spec``: the model config a run builds; a resumed run keeps the one it started with
+  (``model_spec.json``), so a preset edited in between does not change the model half-way.
 Small files (config, summary, the rewound log) are written whole or not at all with
 ``fourm.data.shards.write_text_atomic``.
 """
@@ -13,6 +15,7 @@ Small files (config, summary, the rewound log) are written whole or not at all w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +24,10 @@ from pathlib import Path
 import torch
 
 from fourm.data.shards import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+MODEL_SPEC = "model_spec.json"  # the resolved model config (preset + overrides) a run was built from
 
 
 def check_writable(out: Path) -> None:
@@ -87,3 +94,39 @@ def rewind_metrics(path: Path, step: int) -> int:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
+
+
+def model_spec(out: Path, current: dict, overrides: dict, resuming: bool) -> dict:
+    """The model config a run builds.
+
+    Args:
+        out: the run directory.
+        current: the preset YAML with this command's ``model`` overrides on top
+            (``TrainConfig.model_spec()``).
+        overrides: this command's explicit ``model`` overrides (``--set model.KEY=VALUE``).
+        resuming: the run continues from a checkpoint in ``out``.
+    Returns:
+        ``current`` for a fresh run. A resumed run gets the config it was started with
+        (``out/model_spec.json``) with ``overrides`` on top: a preset edited since (a pulled change
+        of a default, say) does not change the model half-way, and the keys where it now differs
+        are logged. A run started before this file existed resumes with ``current``.
+    Raises:
+        ValueError: ``model_spec.json`` is unreadable or not a JSON object.
+    """
+    path = out / MODEL_SPEC
+    if not resuming:
+        return current
+    if not path.is_file():
+        log.warning("%s is missing (a run started by an older fourm): resuming with the current preset", path)
+        return current
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exn:
+        raise ValueError(f"{path} is unreadable ({exn}): restore it, or remove it to resume with the current preset") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a JSON object: restore it, or remove it to resume with the current preset")
+    spec = {**saved, **overrides}
+    changed = sorted(k for k in set(spec) | set(current) if spec.get(k) != current.get(k))
+    if changed:
+        log.warning("the model preset differs from the config this run started with (%s); the run keeps its own: %s (--set model.KEY=VALUE on --resume changes one)", path, ", ".join(f"{k}={spec.get(k)!r} (preset now {current.get(k)!r})" for k in changed))
+    return spec
