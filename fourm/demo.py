@@ -303,9 +303,9 @@ def stage_pretokenize(config: DemoConfig, out: Path) -> dict:
     report = {}
     for split in ("train", "val"):
         target = out / "tokens" / split
-        if (target / MANIFEST).is_file():
+        if (target / MANIFEST).is_file() and "pixels" in json.loads((target / MANIFEST).read_text()):
             report[split] = {"reused": True}
-            continue
+            continue  # (shards from before rgb.pixels.npy existed are made again)
         start = time.perf_counter()
         m = pretokenize(out / "tokenizers", out / "data" / split, target, overwrite=True)
         report[split] = {"reused": False, "samples": m["num_samples"], "seconds": round(time.perf_counter() - start, 1)}

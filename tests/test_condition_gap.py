@@ -34,7 +34,8 @@ def test_gap_reads_the_condition_and_vanishes_when_all_conditions_are_one(contex
     # an untrained model's output still depends on its input: another scene's rgb changes the loss
     assert r["samples"] == 12 and abs(r["gap"]) > 1e-4 and r["gap"] == pytest.approx(r["other"] - r["own"])
     # the same rgb for every scene: "another scene's" condition is the scene's own
-    same = [dict(s, rgb=samples[0]["rgb"]) for s in samples]
+    assert all("rgb.pixels" in s for s in samples)  # the shards keep the images (read by the encoder-decoder preset)
+    same = [dict(s, rgb=samples[0]["rgb"], **{"rgb.pixels": samples[0]["rgb.pixels"]}) for s in samples]
     r = condition_gap(model, same, vocab, grids, kinds, "rgb", target, batch_size=5)
     assert abs(r["gap"]) < 1e-5, r
     with pytest.raises(ValueError, match="at least 2 samples"):

@@ -10,6 +10,7 @@ from fourm.data.loader import LoaderConfig, build_loader
 from fourm.generation.api import GenerationConfig, generate
 from fourm.generation.sampling import filter_logits, guided, sample, temperature_at, unmask_counts
 from fourm.models.build import build_model
+from fourm.objectives.builders import image_patches
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 
 
@@ -110,7 +111,8 @@ def test_encdec_cached_sequence_equals_recomputation(tok, batch):
         rgb = tok.encode("rgb", batch["rgb"][:1])[0]
         idx = torch.arange(64)
         enc_pos = torch.stack([idx // 8, idx % 8], -1)[None]
-        enc = model.encode(rgb[None], torch.full((1, 64), model.modality_index("rgb")), enc_pos, torch.ones(1, 64, dtype=torch.bool))
+        pixels = torch.from_numpy(image_patches(batch["rgb"][0].numpy(), 8))[None]  # the preset reads rgb as pixels too
+        enc = model.encode(rgb[None], torch.full((1, 64), model.modality_index("rgb")), enc_pos, torch.ones(1, 64, dtype=torch.bool), pixels=pixels, pixel_mask=torch.ones(1, 64, dtype=torch.bool))
         seq, allowed, cap = [tok.vocab.bos_id], tok.vocab.allowed_mask("caption"), model.modality_index("caption")
         for _ in range(12):
             n = len(seq)
@@ -144,8 +146,7 @@ def test_cfg_scale_zero_equals_conditional(tok, batch, arch):
 def test_chained_targets_condition_the_next(tok, batch, arch):
     model = _model(tok, arch)
     chained = generate(model, tok, {"rgb": batch["rgb"]}, ["semseg", "depth"], GREEDY)
-    rgb_ids = tok.encode("rgb", batch["rgb"])
-    direct = generate(model, tok, {}, ["depth"], GREEDY, token_inputs={"rgb": rgb_ids, "semseg": chained.ids["semseg"]})
+    direct = generate(model, tok, {"rgb": batch["rgb"]}, ["depth"], GREEDY, token_inputs={"semseg": chained.ids["semseg"]})
     assert all(torch.equal(a, b) for a, b in zip(chained.ids["depth"], direct.ids["depth"]))
 
 

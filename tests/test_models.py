@@ -399,7 +399,8 @@ def _expected_params(cfg) -> int:
     if cfg.arch == "decoder":
         return cfg.n_layers * block + d
     cross = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d + qk + d
-    return cfg.enc_layers * block + cfg.dec_layers * (block + cross) + 2 * d + len(cfg.modalities) * d
+    pixels = 3 * cfg.pixel_patch**2 * d if cfg.rgb_pixels else 0  # the rgb patch projection
+    return cfg.enc_layers * block + cfg.dec_layers * (block + cross) + 2 * d + len(cfg.modalities) * d + pixels
 
 
 @pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)

@@ -3,7 +3,9 @@
 Each sample of ``OUT/shard-*.tar`` holds ``<modality>.tokens.npy`` (int32 shared-vocabulary ids:
 (h*w,) row-major for image-like modalities, (L,) for sequences) for every modality the raw sample
 has and the set can encode (``normals`` and ``count`` too, once the set has them), plus ``meta.json`` (``image_size`` as (H, W) and, for affine depth, the
-per-image ``depth_scale``). A sample missing a modality keeps the others. ``OUT/manifest.json``
+per-image ``depth_scale``), and ``rgb.pixels.npy``: the (3, R, R) uint8 image the rgb tokens were
+made from, for models that also read rgb inputs as pixel patches (the manifest's ``pixels``:
+{modality: R}). A sample missing a modality keeps the others. ``OUT/manifest.json``
 names the tokenizer set and carries a copy of its vocabulary and the vocabulary's SHA-256.
 """
 
@@ -27,6 +29,8 @@ from fourm.tokenizers.tokenizer_set import TokenizerSet
 log = logging.getLogger(__name__)
 
 TOKENS_SUFFIX = ".tokens.npy"
+PIXELS_SUFFIX = ".pixels.npy"  # the image a modality's tokens were made from, (C, R, R) uint8
+PIXEL_MODALITIES = ("rgb",)  # kept as pixels too (``EncDecConfig.rgb_pixels`` reads them)
 PRETOKENIZER_VERSION = "pretokenize/1"
 
 
@@ -41,6 +45,7 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
     loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=tuple(mods), batch_size=batch_size, shuffle=0, num_workers=1))
     out_dir = prepare_output_dir(out, overwrite)
     counts = {m: 0 for m in mods}
+    pixel_sizes: dict[str, int] = {}  # modality -> R of its (3, R, R) pixel images
     bar = tqdm(desc="pretokenize", unit="sample", disable=not progress)
     with ShardSink(Path(out_dir), shard_size) as sink:
         for batch in loader:
@@ -61,6 +66,9 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                     ids, scale = tset.encode_images(m, raw)
                     for j, i in enumerate(present):
                         samples[i][m + TOKENS_SUFFIX] = encode_npy(ids[j].numpy().astype(np.int32))
+                        if m in PIXEL_MODALITIES and raw.dtype == torch.uint8:
+                            samples[i][m + PIXELS_SUFFIX] = encode_npy(raw[j].numpy())
+                            pixel_sizes[m] = int(raw.shape[-1])
                         if scale is not None:
                             metas[i]["depth_scale"] = [float(v) for v in scale[j]]
                 elif tset.is_text(m):
@@ -88,6 +96,7 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                 "source": str(data),
                 "modalities": [m for m in mods if counts[m]],
                 "modality_counts": counts,
+                "pixels": pixel_sizes,
                 "grids": tset.grids,
                 "vocab_sha256": vocab_sha256(tset),
                 "vocab": tset.vocab.to_json(),

@@ -21,6 +21,8 @@ import torch
 from fourm.objectives.builders import collate_decoder, collate_encdec, decoder_example, encdec_example, prefix_plans
 from fourm.vocab import SharedVocab
 
+PIXELS = ".pixels"  # a sample's key suffix for a modality's pixel image (``read_token_samples``)
+
 
 def _batch(model, pairs: list[tuple[dict, dict]], vocab: SharedVocab, grids: dict[str, int], kinds: dict[str, str], source: str, target: str) -> dict:
     """(condition sample, target sample) pairs -> one collated batch (``label_modality`` kept only
@@ -30,7 +32,10 @@ def _batch(model, pairs: list[tuple[dict, dict]], vocab: SharedVocab, grids: dic
     for cond, tgt in pairs:
         tokens = {source: cond[source], target: tgt[target]}
         if model.config.arch == "encdec":
-            examples.append(encdec_example(tokens, prefix_plans(tokens, kinds, rng, n_condition=1, shuffle=False), vocab, grids))
+            # a model that reads rgb as pixels too gets the condition's pixels (samples carry them
+            # as "<modality>.pixels" when read by ``read_token_samples``)
+            pixels = {source: cond[source + PIXELS]} if getattr(model.config, "rgb_pixels", False) and source + PIXELS in cond else None
+            examples.append(encdec_example(tokens, prefix_plans(tokens, kinds, rng, n_condition=1, shuffle=False), vocab, grids, pixels=pixels))
         else:
             examples.append(decoder_example(tokens, vocab, grids, rng, n_condition=1, shuffle=False))
     batch = (collate_encdec if model.config.arch == "encdec" else collate_decoder)(examples)
@@ -74,18 +79,20 @@ def condition_gap(model, samples: list[dict[str, np.ndarray]], vocab: SharedVoca
 
 
 def read_token_samples(directory: str | Path, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], limit: int) -> list[dict[str, np.ndarray]]:
-    """The first ``limit`` readable samples of token shards, as ``{modality: ids}``."""
+    """The first ``limit`` readable samples of token shards, as ``{modality: ids}``, plus
+    ``{"rgb.pixels": (3, R, R) uint8}`` where the shards keep the rgb images."""
     import webdataset as wds
 
     from fourm.data.codecs import CorruptMember
     from fourm.data.loader import SkippedSample
     from fourm.data.shards import expand_shards
-    from fourm.training.data import decode_tokens
+    from fourm.training.data import decode_pixels, decode_tokens
 
     samples = []
     for sample in wds.tarfile_to_samples()(iter({"url": u} for u in expand_shards(str(directory)))):
         try:
-            samples.append(decode_tokens(sample, vocab, kinds, grids))
+            tokens = decode_tokens(sample, vocab, kinds, grids)
+            samples.append({**tokens, **{m + PIXELS: image for m, image in decode_pixels(sample, tokens, grids).items()}})
         except (CorruptMember, SkippedSample):  # a damaged sample is skipped, as the training stream does
             continue
         if len(samples) >= limit:

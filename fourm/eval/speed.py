@@ -168,10 +168,13 @@ def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
 
     cfg = load_config(TrainConfig, train_config, overrides)
     cfg.data.sources = [DataSource(path=str(tokens_dir))]
-    vocab, grids, kinds = manifest_context(token_manifest(cfg))
-    arch = cfg.model_spec()["arch"]
+    manifest = token_manifest(cfg)
+    vocab, grids, kinds = manifest_context(manifest)
+    spec = cfg.model_spec()
+    arch = spec["arch"]
     cfg.objective.validate(arch)
-    return cfg, vocab, iter(make_loader(TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective)))
+    pixels = bool(spec.get("rgb_pixels")) and isinstance(manifest.get("pixels"), dict) and "rgb" in manifest["pixels"]  # as the training loop reads them
+    return cfg, vocab, iter(make_loader(TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, pixels=pixels)))
 
 
 def _optimizer_step(module, loss_fn):

@@ -7,6 +7,10 @@ finished target becomes a condition for the next (4M-style chaining: ``caption -
 Encoder-decoder: image-like targets by MaskGIT (confidence-ordered unmasking on a cosine or linear
 schedule) or ROAR (random order); the tokens fixed so far join the encoder input, the rest are
 [MASK] queries. Sequence targets autoregressively with a decoder KV cache (the encoder runs once).
+An encoder-decoder with ``rgb_pixels`` also reads an rgb condition's pixel patches: those of the
+given image, or, for rgb known only as ids (generated, or passed as ids), of the ids decoded by the
+rgb tokenizer (``to_pixels``); while an rgb target is generated, the tokens fixed so far get the
+patches of the current estimate of the whole image, decoded.
 Decoder-only: every target autoregressively with a KV cache after the packed conditions (image
 tokens with their 2D positions). Classifier-free guidance batches the unconditional pass ([BOS]
 as the null condition, as in training's condition dropout) with the conditional one.
@@ -21,7 +25,9 @@ import torch
 
 from fourm.generation.compiled import compiled_decode_step, decode_step
 from fourm.generation.sampling import guided, sample, temperature_at, unmask_counts
+from fourm.data.pretokenize import PIXEL_MODALITIES
 from fourm.modalities import MODALITIES
+from fourm.objectives.builders import image_patches
 from fourm.models.sequence import pack_sequence
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 from fourm.vocab import SharedVocab
@@ -93,15 +99,35 @@ def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], 
         raise ValueError("no target modality")
     image_size = image_size or (tokenizers.resolution, tokenizers.resolution)
     conds = {**encode_inputs(tokenizers, inputs, image_size), **{m: list(v) for m, v in token_inputs.items()}}
-    ids = generate_ids(model, tokenizers.vocab, tokenizers.grids, conds, targets, config, batch_size, progress)
+    pixels, to_pixels = None, None
+    if getattr(model.config, "rgb_pixels", False):
+        if "rgb" in inputs and "rgb" not in token_inputs:
+            pixels = {"rgb": [torch.as_tensor(x) for x in inputs["rgb"]]}
+        to_pixels = lambda m, v: torch.stack(tokenizers.decode(m, v))  # noqa: E731 (ids (B, N) -> (B, 3, R, R) uint8)
+    ids = generate_ids(model, tokenizers.vocab, tokenizers.grids, conds, targets, config, batch_size, progress, pixels, to_pixels)
     outputs = {m: tokenizers.decode(m, v, image_size=image_size) for m, v in ids.items()}
     return GenerationResult(ids=ids, outputs=outputs, image_size=image_size)
 
 
 @torch.no_grad()
-def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[str, list[torch.Tensor]], targets: list[str], config: GenerationConfig, batch_size: int | None = None, progress: Callable[[int, str], None] | None = None) -> dict[str, list[torch.Tensor]]:
-    """The token-level core of ``generate``: condition ids in, target ids out (no tokenizers)."""
+def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[str, list[torch.Tensor]], targets: list[str], config: GenerationConfig, batch_size: int | None = None, progress: Callable[[int, str], None] | None = None, pixels: dict[str, list[torch.Tensor]] | None = None, to_pixels: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
+    """The token-level core of ``generate``: condition ids in, target ids out (no tokenizers).
+
+    For an encoder-decoder with ``rgb_pixels``: ``pixels`` {modality: per sample (C, R, R) uint8},
+    the images of conditions in ``conds``; ``to_pixels(modality, ids (B, N)) -> (B, C, R, R)
+    uint8`` (the tokenizer's decode) gives the others theirs. Without it, rgb known only as ids is
+    read by its ids alone, which such a model was not trained on."""
     conds = dict(conds)
+    reads = bool(getattr(model.config, "rgb_pixels", False))
+    pixels = dict(pixels or {}) if reads else {}
+    to_pixels = to_pixels if reads else None
+
+    def fill(m: str) -> None:  # rgb known as ids only: its pixels by decoding them
+        if to_pixels is not None and m in PIXEL_MODALITIES and m in conds and m not in pixels:
+            pixels[m] = list(to_pixels(m, torch.stack(list(conds[m]))))
+
+    for m in list(conds):
+        fill(m)
     b = _batch_size(conds) if conds else (batch_size or 1)
     generator = torch.Generator().manual_seed(config.seed)
     ids: dict[str, list[torch.Tensor]] = {}
@@ -111,36 +137,46 @@ def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[s
         cfg = config.for_target(target)
         if model.config.arch == "encdec":
             if _kind(target) == "image" and cfg.scheme in ("auto", "maskgit", "roar"):
-                new = _encdec_image(model, vocab, conds, target, grids, b, cfg, generator)
+                new = _encdec_image(model, vocab, conds, target, grids, b, cfg, generator, pixels, to_pixels)
             else:
-                new = _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids)
+                new = _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixels)
         else:
             new = _decoder_target(model, vocab, conds, target, grids, b, cfg, generator)
         ids[target] = new
         conds[target] = new  # chaining: a finished target conditions the next
+        pixels.pop(target, None)
+        fill(target)
     return ids
 
 
 # -- encoder-decoder ---------------------------------------------------------------------------------
-def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """[(ids (L,), modality (L,), positions (L, 2))] -> padded ids, modality, positions, valid."""
+def _pad_rows(rows: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """[(ids (L,), modality (L,), positions (L, 2), pixel patches (L, C) uint8 or None, their mask
+    (L,) or None)] -> padded ids, modality, positions, valid, pixels (B, L, C) or None, pixel mask."""
     n = max(len(r[0]) for r in rows)
     b = len(rows)
     ids = torch.zeros(b, n, dtype=torch.long)
     mod = torch.zeros(b, n, dtype=torch.long)
     pos = torch.zeros(b, n, 2, dtype=torch.long)
     valid = torch.zeros(b, n, dtype=torch.bool)
-    for i, (t, m, p) in enumerate(rows):
+    width = max((r[3].shape[1] for r in rows if r[3] is not None), default=0)
+    pix = torch.zeros(b, n, width, dtype=torch.uint8) if width else None
+    pix_mask = torch.zeros(b, n, dtype=torch.bool) if width else None
+    for i, (t, m, p, x, xm) in enumerate(rows):
         ids[i, : len(t)], mod[i, : len(t)], pos[i, : len(t)], valid[i, : len(t)] = t, m, p, True
-    return ids, mod, pos, valid
+        if x is not None and pix is not None:
+            pix[i, : len(t)], pix_mask[i, : len(t)] = x, xm
+    return ids, mod, pos, valid, pix, pix_mask
 
 
-def _encoder_rows(model, vocab: SharedVocab, conds: dict[str, list[torch.Tensor]], grids: dict[str, int], b: int, null_modality: int, partial: tuple[str, torch.Tensor, torch.Tensor] | None = None, unconditional: bool = False):
+def _encoder_rows(model, vocab: SharedVocab, conds: dict[str, list[torch.Tensor]], grids: dict[str, int], b: int, null_modality: int, partial: tuple | None = None, unconditional: bool = False, pixels: dict[str, list[torch.Tensor]] | None = None):
     """Encoder input per sample: every condition token (or the [BOS] null condition) plus the
-    target tokens fixed so far (``partial`` = (modality, positions (B, K), ids (B, K)))."""
+    target tokens fixed so far (``partial`` = (modality, positions (B, K), ids (B, K)[, their
+    pixel patches (B, K, C) uint8])), and with ``pixels`` the conditions' pixel patches."""
     rows = []
     for i in range(b):
         ids, mods, poss = [], [], []
+        pix: list[torch.Tensor | None] = []  # per part: its patches, or None
         if not unconditional:
             for m, seqs in conds.items():
                 t = seqs[i]
@@ -155,24 +191,31 @@ def _encoder_rows(model, vocab: SharedVocab, conds: dict[str, list[torch.Tensor]
                 ids.append(t)
                 mods.append(torch.full((len(t),), mi))
                 poss.append(pos)
+                pix.append(torch.from_numpy(image_patches(pixels[m][i].numpy(), grids[m])) if pixels and m in pixels else None)
         if partial is not None and partial[1].shape[1]:
-            m, where, vals = partial
+            m, where, vals = partial[:3]
             g = grids[m]
             ids.append(vals[i])
             mods.append(torch.full((len(vals[i]),), model.modality_index(m)))
             poss.append(torch.stack([where[i] // g, where[i] % g], -1))
+            pix.append(partial[3][i] if len(partial) > 3 and partial[3] is not None else None)
         if not ids:  # the null condition of training's condition dropout: one [BOS]
-            ids, mods, poss = [torch.tensor([vocab.bos_id])], [torch.tensor([null_modality])], [torch.zeros(1, 2, dtype=torch.long)]
-        rows.append((torch.cat(ids), torch.cat(mods), torch.cat(poss)))
+            ids, mods, poss, pix = [torch.tensor([vocab.bos_id])], [torch.tensor([null_modality])], [torch.zeros(1, 2, dtype=torch.long)], [None]
+        patches = mask = None
+        if any(x is not None for x in pix):
+            width = next(x.shape[1] for x in pix if x is not None)
+            patches = torch.cat([x if x is not None else torch.zeros(len(t), width, dtype=torch.uint8) for x, t in zip(pix, ids)])
+            mask = torch.cat([torch.full((len(t),), x is not None) for x, t in zip(pix, ids)])
+        rows.append((torch.cat(ids), torch.cat(mods), torch.cat(poss), patches, mask))
     return rows
 
 
 def _encode_rows(model, rows):
-    ids, mod, pos, valid = _pad_rows(rows)
-    return model.encode(ids, mod, pos, valid), valid, pos
+    ids, mod, pos, valid, pix, pix_mask = _pad_rows(rows)
+    return model.encode(ids, mod, pos, valid, pixels=pix, pixel_mask=pix_mask), valid, pos
 
 
-def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
+def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator, pixels=None, to_pixels=None) -> list[torch.Tensor]:
     g = grids[target]
     n = g * g
     mi = model.modality_index(target)
@@ -180,14 +223,19 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list
     known = torch.zeros(b, n, dtype=torch.bool)
     values = torch.full((b, n), vocab.mask_id, dtype=torch.long)
     counts = unmask_counts(n, cfg.steps, cfg.schedule)
+    estimate = values.clone()  # the whole image as the last step left it (fixed tokens + that step's draws)
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
     for step, k in enumerate(counts):
         where_known = [known[i].nonzero()[:, 0] for i in range(b)]
         kpos = torch.stack(where_known) if where_known[0].numel() else torch.zeros(b, 0, dtype=torch.long)
         kval = values.gather(1, kpos) if kpos.numel() else torch.zeros(b, 0, dtype=torch.long)
-        rows = _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval))
+        kpix = None
+        if to_pixels is not None and target in PIXEL_MODALITIES and kpos.shape[1]:  # the fixed tokens' patches, from the whole current estimate
+            images = to_pixels(target, estimate)
+            kpix = torch.stack([torch.from_numpy(image_patches(im.numpy(), g)) for im in images]).gather(1, kpos[..., None].expand(-1, -1, 3 * (images.shape[-1] // g) ** 2))
+        rows = _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval, kpix), pixels=pixels)
         if use_cfg:
-            rows += _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval), unconditional=True)
+            rows += _encoder_rows(model, vocab, conds, grids, b, mi, (target, kpos, kval, kpix), unconditional=True)
         enc, enc_valid, enc_pos = _encode_rows(model, rows)
         unknown = torch.stack([(~known[i]).nonzero()[:, 0] for i in range(b)])  # (B, U): same U for all
         q = unknown.repeat(2, 1) if use_cfg else unknown
@@ -207,15 +255,16 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator) -> list
         chosen = unknown.gather(1, pick)
         values.scatter_(1, chosen, drawn.gather(1, pick))
         known.scatter_(1, chosen, True)
+        estimate = values.clone().scatter_(1, unknown, drawn)
     return list(values)
 
 
-def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids) -> list[torch.Tensor]:
+def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixels=None) -> list[torch.Tensor]:
     mi = model.modality_index(target)
     lo, hi = vocab.logit_span(target)
     allowed = vocab.allowed_mask(target)[lo:hi]
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
-    rows = _encoder_rows(model, vocab, conds, grids, b, mi)
+    rows = _encoder_rows(model, vocab, conds, grids, b, mi, pixels=pixels)
     if use_cfg:
         rows += _encoder_rows(model, vocab, conds, grids, b, mi, unconditional=True)
     enc, enc_valid, enc_pos = _encode_rows(model, rows)

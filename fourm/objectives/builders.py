@@ -5,6 +5,7 @@
 - ``decoder_example``: modalities in a random order as one sequence; next-token (everything is a
   target) or PrefixLM (the first k modalities are the condition: bidirectional, no loss).
 - ``collate_encdec`` / ``collate_decoder`` pad a list of examples into batch tensors.
+- ``image_patches``: an image's pixel patches in token order (for ``EncDecConfig.rgb_pixels``).
 
 Conditioning dropout (for classifier-free guidance): the encoder sees only a [BOS] "null
 condition" token, or the decoder-only sequence has no condition segments.
@@ -35,6 +36,18 @@ class EncDecExample:
     dec_positions: np.ndarray
     dec_causal: np.ndarray
     labels: np.ndarray
+    enc_pixels: np.ndarray | None = None  # (S, C) uint8 pixel patch of each encoder token (zeros where none)
+    enc_pixel_mask: np.ndarray | None = None  # (S,) bool: the token has its pixel patch
+
+
+def image_patches(image: np.ndarray, grid: int) -> np.ndarray:
+    """An image (C, R, R) -> its (grid * grid, C * p * p) patches, p = R / grid, row-major like the
+    tokens of a ``grid`` x ``grid`` image tokenizer (row i is token i's patch, channel-major)."""
+    c, r, _ = image.shape
+    p = r // grid
+    if r != image.shape[2] or p * grid != r:
+        raise ValueError(f"a {image.shape[1]}x{image.shape[2]} image does not split into a {grid}x{grid} grid of square patches")
+    return image.reshape(c, grid, p, grid, p).transpose(1, 3, 0, 2, 4).reshape(grid * grid, c * p * p)
 
 
 def _grid_positions(idx: np.ndarray, grid: int) -> np.ndarray:
@@ -46,20 +59,27 @@ def _line_positions(n: int) -> np.ndarray:
     return np.stack([p, p], -1)
 
 
-def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], vocab: SharedVocab, grids: dict[str, int], drop_condition: bool = False) -> EncDecExample:
+def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], vocab: SharedVocab, grids: dict[str, int], drop_condition: bool = False, pixels: dict[str, np.ndarray] | None = None) -> EncDecExample:
     """Apply a masking plan (``plan_masking``) to one sample's tokens.
 
     Sequence targets are teacher-forced: decoder input ``[BOS] t0 .. t(L-1)``, labels
-    ``t0 .. t(L-1) [EOS]``, causal within the modality.
+    ``t0 .. t(L-1) [EOS]``, causal within the modality. ``pixels``: {image modality: (C, R, R)
+    uint8} (the images the tokens were made from): the example then carries each visible token's
+    pixel patch (``enc_pixels``, ``enc_pixel_mask``; see ``EncDecConfig.rgb_pixels``); ``{}``
+    gives the fields without any patch.
     """
     names = list(vocab.modalities)
     enc = {"ids": [], "mod": [], "pos": []}
+    patches = {m: image_patches(img, grids[m]) for m, img in pixels.items() if m in tokens} if pixels is not None else None
+    pix: list[tuple[int, np.ndarray]] = []  # (offset of the modality's inputs in the encoder row, their patches)
     dec = {"ids": [], "mod": [], "pos": [], "causal": [], "labels": []}
     for plan in plans:
         m, mi = plan.name, names.index(plan.name)
         if plan.input_idx is not None:  # image-like
             g = grids[m]
             if len(plan.input_idx) and not drop_condition:
+                if patches is not None and m in patches:
+                    pix.append((sum(len(a) for a in enc["ids"]), patches[m][plan.input_idx]))
                 enc["ids"].append(tokens[m][plan.input_idx])
                 enc["mod"].append(np.full(len(plan.input_idx), mi))
                 enc["pos"].append(_grid_positions(plan.input_idx, g))
@@ -87,11 +107,19 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
         first = dec["mod"][0][0] if dec["mod"] else 0
         enc = {"ids": [np.array([vocab.bos_id])], "mod": [np.array([first])], "pos": [np.zeros((1, 2), np.int64)]}
     cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+    enc_pixels = enc_pixel_mask = None
+    if patches is not None:
+        n = sum(len(a) for a in enc["ids"])
+        width = next(iter(patches.values())).shape[1] if patches else 0
+        enc_pixels, enc_pixel_mask = np.zeros((n, width), np.uint8), np.zeros(n, bool)
+        for start, rows in pix:
+            enc_pixels[start : start + len(rows)], enc_pixel_mask[start : start + len(rows)] = rows, True
     return EncDecExample(
         enc_ids=cat(enc["ids"], np.int64), enc_modality=cat(enc["mod"], np.int64), enc_positions=np.concatenate(enc["pos"]).astype(np.int64),
         dec_ids=cat(dec["ids"], np.int64), dec_modality=cat(dec["mod"], np.int64),
         dec_positions=np.concatenate(dec["pos"]).astype(np.int64) if dec["pos"] else np.zeros((0, 2), np.int64),
         dec_causal=cat(dec["causal"], bool), labels=cat(dec["labels"], np.int64),
+        enc_pixels=enc_pixels, enc_pixel_mask=enc_pixel_mask,
     )
 
 
@@ -180,7 +208,22 @@ def collate_encdec(examples: list[EncDecExample], pad_id: int = 0) -> dict[str, 
         "dec_causal": _pad([e.dec_causal for e in examples], False, torch.bool)[0],
         "labels": _pad([e.labels for e in examples], IGNORE_INDEX)[0],
         "label_modality": _pad([e.dec_modality for e in examples], -1)[0],
+        **_collate_pixels(examples, enc_ids.shape[1]),
     }
+
+
+def _collate_pixels(examples: list[EncDecExample], n: int) -> dict[str, torch.Tensor]:
+    """``enc_pixels`` (B, S, C) uint8 and ``enc_pixel_mask`` (B, S) when the examples carry pixel
+    patches (C: the widest of them; an example without any has a False mask), else nothing."""
+    width = max((e.enc_pixels.shape[1] for e in examples if e.enc_pixels is not None), default=0)
+    if not width:
+        return {}
+    pixels, mask = torch.zeros(len(examples), n, width, dtype=torch.uint8), torch.zeros(len(examples), n, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        if e.enc_pixels is not None and e.enc_pixels.shape[1]:
+            pixels[i, : len(e.enc_pixels), : e.enc_pixels.shape[1]] = torch.from_numpy(e.enc_pixels)
+            mask[i, : len(e.enc_pixel_mask)] = torch.from_numpy(e.enc_pixel_mask)
+    return {"enc_pixels": pixels, "enc_pixel_mask": mask}
 
 
 def collate_decoder(examples: list[DecoderExample], pad_id: int = 0) -> dict[str, torch.Tensor]:

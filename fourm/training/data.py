@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fourm.data.codecs import CorruptMember, decode_npy
 from fourm.data.loader import SkipCounter, SkippedSample, flag_truncated_shards
-from fourm.data.pretokenize import TOKENS_SUFFIX
+from fourm.data.pretokenize import PIXEL_MODALITIES, PIXELS_SUFFIX, TOKENS_SUFFIX
 from fourm.data.shards import expand_shards
 from fourm.objectives.builders import collate_decoder, collate_encdec
 from fourm.objectives.mixture import ObjectiveConfig, make_example
@@ -112,13 +112,36 @@ def decode_tokens(sample: dict, vocab: SharedVocab, kinds: dict[str, str], grids
     return out
 
 
-class TokenStream(IterableDataset):
-    """Endless batches of objective examples from token shards (see the module docstring)."""
+def decode_pixels(sample: dict, tokens: dict[str, np.ndarray], grids: dict[str, int]) -> dict[str, np.ndarray]:
+    """A token-shard sample's pixel images ({modality: (C, R, R) uint8}, for modalities whose
+    tokens it has; none where absent).
 
-    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0):
+    Raises:
+        CorruptMember: a pixel member that does not decode, or not an image of square patches on
+            its modality's token grid.
+    """
+    out = {}
+    for m in PIXEL_MODALITIES:
+        value = sample.get(m + PIXELS_SUFFIX)
+        if value is None or m not in tokens:
+            continue
+        name = m + PIXELS_SUFFIX
+        image = decode_npy(value, name) if isinstance(value, bytes) else value
+        g = grids.get(m, 0)
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[1] == image.shape[2] and g and image.shape[1] % g == 0):
+            raise CorruptMember(name, f"{sample.get('__key__', '?')}: expected a (C, R, R) uint8 image on the {g}x{g} token grid, got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
+        out[m] = image
+    return out
+
+
+class TokenStream(IterableDataset):
+    """Endless batches of objective examples from token shards (see the module docstring).
+    ``pixels``: examples also carry the rgb inputs' pixel patches (``EncDecConfig.rgb_pixels``)."""
+
+    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False):
         super().__init__()
         self.cfg, self.arch, self.vocab, self.kinds, self.grids, self.objective = cfg, arch, vocab, kinds, grids, objective
-        self.rank, self.world, self.skip = rank, world, skip
+        self.rank, self.world, self.skip, self.pixels = rank, world, skip, pixels
         # local directories, globs and brace patterns; webdataset URLs (pipe:..., https://...)
         # are brace-expanded and handed to webdataset's own opener
         self.sources = [(expand_shards(s.path), s.weight) for s in cfg.sources]
@@ -136,10 +159,11 @@ class TokenStream(IterableDataset):
         for sample in stream(shards):
             try:
                 tokens = decode_tokens(sample, self.vocab, self.kinds, self.grids, modalities, self.skipped)
+                pixels = decode_pixels(sample, tokens, self.grids) if self.pixels else None
             except (CorruptMember, SkippedSample) as exn:
                 self.skipped.record(exn)
                 continue
-            yield sample["__key__"], tokens
+            yield sample["__key__"], tokens, pixels
 
     def _examples(self, worker: int, workers: int):
         epoch = 0
@@ -153,13 +177,13 @@ class TokenStream(IterableDataset):
                 p = weights * np.array(alive)
                 i = int(pick.choice(len(iters), p=p / p.sum()))
                 try:
-                    key, tokens = next(iters[i])
+                    key, tokens, pixels = next(iters[i])
                 except StopIteration:
                     alive[i] = False
                     continue
                 rng = np.random.default_rng([self.cfg.seed, epoch, zlib.crc32(key.encode())])
                 try:
-                    example, objective = make_example(self.arch, tokens, self.kinds, self.vocab, self.grids, self.objective, rng)
+                    example, objective = make_example(self.arch, tokens, self.kinds, self.vocab, self.grids, self.objective, rng, pixels)
                 except Exception as exn:  # the last line of defence: data never stops training
                     self.skipped.record(SkippedSample("other", f"{key}: building the example failed: {type(exn).__name__}: {exn}"))
                     continue

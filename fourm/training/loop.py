@@ -238,7 +238,14 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         if dropped:
             log.info("metrics.jsonl: %d records after step %d dropped (they are done again)", dropped, step)
 
-    stream = TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=batches)
+    pixels = bool(getattr(model.config, "rgb_pixels", False))
+    if pixels:
+        size = (manifest.get("pixels") or {}).get("rgb") if isinstance(manifest.get("pixels"), dict) else None
+        if not size:
+            raise ValueError("the model reads rgb inputs as pixels too (rgb_pixels) but the token shards hold no rgb pixels: pretokenize them again (data_pipelines/pretokenize.py keeps rgb.pixels.npy)")
+        if size != model.config.pixel_patch * grids["rgb"]:
+            raise ValueError(f"the token shards' rgb pixels are {size}x{size} on a {grids['rgb']}x{grids['rgb']} token grid, patches of {size // grids['rgb']} pixels, but the model reads patches of {model.config.pixel_patch}: --set model.pixel_patch={size // grids['rgb']}")
+    stream = TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=batches, pixels=pixels)
     data = iter(make_loader(stream))
     names = list(vocab.modalities)
     metrics_file = open(out / "metrics.jsonl", "a") if engine.is_main else None
