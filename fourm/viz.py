@@ -63,8 +63,9 @@ def draw_boxes(rgb: np.ndarray, boxes: list[dict], scale: int = 1) -> np.ndarray
         x0, x1 = sorted((x0, x1))  # generated boxes may come with corners swapped
         y0, y1 = sorted((y0, y1))
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=max(1, scale // 2))
-        if scale >= 2:
-            draw.text((x0 + 1, y0 + 1), b["label"].split()[-1], fill=color)
+        words = b["label"].split()  # a generated label may be empty or blank
+        if scale >= 2 and words:
+            draw.text((x0 + 1, y0 + 1), words[-1], fill=color)
     return np.asarray(im)
 
 

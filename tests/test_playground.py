@@ -383,3 +383,13 @@ def test_page_in_a_browser(page, synth_dir, tmp_path):
     assert _image_ok(page, ".result[data-modality=depth] img.truth")
     assert "AbsRel" in page.text_content(".result[data-modality=depth] table.metrics")
     page.screenshot(path=str(tmp_path / "4-scene-truth.png"), full_page=True)
+
+
+def test_boxes_are_drawn_whatever_label_a_model_generates():
+    import numpy as np
+
+    from fourm.viz import draw_boxes
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    out = draw_boxes(rgb, [{"bbox": [1, 1, 6, 6], "label": "large red cube"}, {"bbox": [6, 6, 2, 2], "label": " "}, {"bbox": [0, 0, 3, 3], "label": ""}], scale=4)
+    assert out.shape == (32, 32, 3) and out.any()
