@@ -163,7 +163,7 @@ def untrained_token_shards(root: Path, scenes: int = 256) -> Path:
 def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
     """(TrainConfig, vocab, an endless batch iterator) over ``tokens_dir`` as the training loop reads it."""
     from fourm.config import load_config
-    from fourm.training.data import DataSource, TokenStream, make_loader, manifest_context
+    from fourm.training.data import DataSource, TokenStream, make_loader, manifest_context, pixel_sizes
     from fourm.training.loop import TrainConfig, token_manifest
 
     cfg = load_config(TrainConfig, train_config, overrides)
@@ -173,7 +173,7 @@ def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
     spec = cfg.model_spec()
     arch = spec["arch"]
     cfg.objective.validate(arch)
-    pixels = bool(spec.get("rgb_pixels")) and isinstance(manifest.get("pixels"), dict) and "rgb" in manifest["pixels"]  # as the training loop reads them
+    pixels = bool(spec.get("rgb_pixels")) and "rgb" in pixel_sizes(manifest)  # as the training loop reads them
     return cfg, vocab, iter(make_loader(TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, pixels=pixels)))
 
 

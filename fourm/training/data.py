@@ -55,6 +55,13 @@ def manifest_context(manifest: dict) -> tuple[SharedVocab, dict[str, int], dict[
     return vocab, grids, {m: MODALITIES[m].kind for m in vocab.modalities}
 
 
+def pixel_sizes(manifest: dict) -> dict[str, int]:
+    """From a token-shard manifest: {modality: R} of the (3, R, R) pixel images its shards keep
+    (``pretokenize``); empty for shards made before they kept any."""
+    sizes = manifest.get("pixels")
+    return {m: int(r) for m, r in sizes.items()} if isinstance(sizes, dict) else {}
+
+
 @dataclass
 class DataSource:
     """Token shards (a directory, brace pattern, glob, or webdataset URL such as ``pipe:...``) and

@@ -42,7 +42,7 @@ from fourm.models.decoder import IGNORE_INDEX
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.training import checkpoint as ckpt
 from fourm.training import run_dir
-from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context
+from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context, pixel_sizes
 from fourm.training.engine import Engine, init_distributed, load_deepspeed_config
 from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.training.schedule import warmup_cosine
@@ -186,13 +186,13 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
 
     torch.manual_seed(cfg.seed)
     base_vocab = vocab
+    latest = ckpt.latest_checkpoint(out) if resume else None  # looked up once: it reads and checks every checkpoint's files
     if cfg.lora.enabled and not cfg.init_from:
         raise ValueError("lora.enabled needs init_from (--set init_from=DIR): the pretrained model the adapters adapt")
     if cfg.init_from:
         model, base_vocab = load_for_vocab(cfg.init_from, vocab)
     else:
-        resuming = resume and ckpt.latest_checkpoint(out) is not None
-        spec = run_dir.model_spec(out, cfg.model_spec(), cfg.model, resuming)
+        spec = run_dir.model_spec(out, cfg.model_spec(), cfg.model, latest is not None)
         model = build_model(spec, vocab=vocab)
     arch = model.config.arch
     cfg.objective.validate(arch)
@@ -219,7 +219,6 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
         log.info("parameters per rank: %s MB", ", ".join(f"{b / 2**20:.1f}" for b in param_bytes))
     step, tokens, batches, bad_steps, bad_in_row = 0, 0, 0, 0, 0
     if resume:
-        latest = ckpt.latest_checkpoint(out)
         if latest is not None:
             state = ckpt.read_state(latest)
             engine.load(latest)
@@ -240,7 +239,7 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
 
     pixels = bool(getattr(model.config, "rgb_pixels", False))
     if pixels:
-        size = (manifest.get("pixels") or {}).get("rgb") if isinstance(manifest.get("pixels"), dict) else None
+        size = pixel_sizes(manifest).get("rgb")
         if not size:
             raise ValueError("the model reads rgb inputs as pixels too (rgb_pixels) but the token shards hold no rgb pixels: pretokenize them again (data_pipelines/pretokenize.py keeps rgb.pixels.npy)")
         if size != model.config.pixel_patch * grids["rgb"]:
