@@ -2,7 +2,7 @@
 """The evaluation suite on held-out scenes: every direction against its floor and its ceiling.
 
     python eval/evaluate.py --model DIR --data DIR --json OUT [--train-data DIR] [--judge FILE]
-        [--tokenizers DIR] [--scenes 64] [--steps 8] [--md OUT] [--directions rgb_to_depth,rgb_to_normals,...]
+        [--tokenizers DIR] [--scenes 64] [--steps 8] [--predict-steps 1] [--md OUT] [--directions rgb_to_depth,rgb_to_normals,...]
 
 --train-data enables the floors (mean depth, majority class, commonest object) and, when --judge
 names no existing file, trains the caption -> rgb judge's segmenter on it and saves it there.
@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--judge", default=None, help="judge segmenter (.safetensors): loaded if it exists, else trained from --train-data and saved")
     p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model)")
     p.add_argument("--scenes", type=positive_int, default=64)
-    p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps per image target")
+    p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps of caption -> rgb")
+    p.add_argument("--predict-steps", type=positive_int, default=1, help="MaskGIT steps of rgb -> depth/semseg/normals (greedy; 1: one pass)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--judge-steps", type=positive_int, default=None, help="judge segmenter training steps (default: JudgeConfig's)")
     p.add_argument("--judge-minutes", type=float, default=None, help="judge segmenter training time cap (default: JudgeConfig's)")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     except ValueError as exn:
         raise UsageError(f"--judge-steps/--judge-minutes: {exn}") from None
     try:
-        config = EvalConfig(scenes=args.scenes, steps=args.steps, batch_size=args.batch_size, directions=directions, judge=judge_config)
+        config = EvalConfig(scenes=args.scenes, steps=args.steps, predict_steps=args.predict_steps, batch_size=args.batch_size, directions=directions, judge=judge_config)
     except ValueError as exn:
         raise UsageError(f"--directions: {exn}") from None
     judge = None

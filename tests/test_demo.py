@@ -26,6 +26,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     assert ins["val_samples_read"] == 16 and ins["skipped"]["total"] == 0 and sum(ins["boxes_per_scene"].values()) == 16
     assert 0 < ins["depth_range_m"][0] < ins["depth_range_m"][1]
     assert stages["tokenizers"]["rgb"]["steps"] == 3 and "psnr" in stages["tokenizers"]["rgb"]["val"]
+    assert json.loads((out / "tokenizers" / "boxes" / "config.json").read_text())["bins"] == 64  # one bin a pixel at data.res 64
     assert stages["pretokenize"]["train"]["samples"] == 48
     assert stages["train"]["steps"] == 4
     ev = stages["evaluate"]

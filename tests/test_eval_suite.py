@@ -133,3 +133,27 @@ def test_judge_segmenter_save_load_and_foreign_files(tmp_path, synth_dir):
     assert load_or_train_segmenter(tmp_path / "old.safetensors", None, JudgeConfig()) is None
     retrained = load_or_train_segmenter(tmp_path / "old.safetensors", synth_dir, JudgeConfig(steps=2, batch_size=4, width=8))
     assert isinstance(retrained, Segmenter) and isinstance(load_segmenter(tmp_path / "old.safetensors"), Segmenter)
+
+
+def test_predictions_in_one_pass_and_caption_to_rgb_in_steps(monkeypatch, token_dir, synth_dir):
+    import fourm.generation.api as api
+    from fourm.eval.suite import EvalConfig, evaluate
+    from fourm.models.build import build_model
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    tok = TokenizerSet.from_pretrained(token_dir.parent / "tok")
+    torch.manual_seed(0)
+    model = build_model("configs/models/encdec_tiny.yaml", vocab=tok.vocab, overrides=["dim=64"]).eval()
+    seen, real = [], api.generate
+
+    def spy(model, tokenizers, inputs, targets, config, *args, **kwargs):
+        seen.append((tuple(targets), config.steps, config.temperature))
+        return real(model, tokenizers, inputs, targets, config, *args, **kwargs)
+
+    monkeypatch.setattr(api, "generate", spy)
+    config = EvalConfig(scenes=4, batch_size=4, steps=3, predict_steps=2, max_len=4, directions=("rgb_to_depth", "rgb_to_semseg", "caption_to_rgb"))
+    report, _ = evaluate(model, tok, synth_dir, config, progress=False)
+    assert sorted(seen) == [(("depth",), 2, 0.0), (("rgb",), 3, 1.0), (("semseg",), 2, 0.0)]
+    assert {"rgb_to_depth", "rgb_to_semseg"} <= set(report["model"])
+    with pytest.raises(ValueError, match="predict_steps"):
+        EvalConfig(predict_steps=0)

@@ -61,6 +61,12 @@ def test_every_direction_gives_valid_outputs(tok, batch, arch):
     assert result.outputs["depth"][0].shape == (1, 64, 64) and result.outputs["semseg"][0].shape == (64, 64)
     assert all(isinstance(c, str) for c in result.outputs["caption"]) and len(result.outputs["boxes"]) == 3
     assert all(v.space_of(int(i)) == "text" for s in result.ids["caption"] for i in s)
+    # sequence targets carry the probability of each generated id; boxes get a score from them
+    assert set(result.token_probs) == {"caption", "boxes"}
+    for m in ("caption", "boxes"):
+        assert [len(p) for p in result.token_probs[m]] == [len(s) for s in result.ids[m]]
+        assert all(bool(((p > 0) & (p <= 1)).all()) for p in result.token_probs[m])
+    assert all(0 < b["score"] <= 1 for row in result.outputs["boxes"] for b in row)
 
 
 def test_encdec_maskgit_and_roar_fill_every_position(tok, batch):
@@ -107,22 +113,26 @@ def test_kv_cache_generation_equals_recomputation(tok, batch):
 def test_encdec_cached_sequence_equals_recomputation(tok, batch):
     model = _model(tok, "encdec")
     with torch.no_grad():
-        got = generate(model, tok, {"rgb": batch["rgb"][:1]}, ["caption"], GREEDY).ids["caption"][0]
+        result = generate(model, tok, {"rgb": batch["rgb"][:1]}, ["caption"], GREEDY)
+        got = result.ids["caption"][0]
         rgb = tok.encode("rgb", batch["rgb"][:1])[0]
         idx = torch.arange(64)
         enc_pos = torch.stack([idx // 8, idx % 8], -1)[None]
         pixels = torch.from_numpy(image_patches(batch["rgb"][0].numpy(), 8))[None]  # the preset reads rgb as pixels too
         enc = model.encode(rgb[None], torch.full((1, 64), model.modality_index("rgb")), enc_pos, torch.ones(1, 64, dtype=torch.bool), pixels=pixels, pixel_mask=torch.ones(1, 64, dtype=torch.bool))
-        seq, allowed, cap = [tok.vocab.bos_id], tok.vocab.allowed_mask("caption"), model.modality_index("caption")
+        seq, probs, allowed, cap = [tok.vocab.bos_id], [], tok.vocab.allowed_mask("caption"), model.modality_index("caption")
         for _ in range(12):
             n = len(seq)
             p = torch.arange(n)
             logits = model.decode(enc, torch.ones(1, 64, dtype=torch.bool), torch.tensor([seq]), torch.full((1, n), cap), torch.stack([p, p], -1)[None], torch.ones(1, n, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool), enc_positions=enc_pos)
-            nxt = int(logits[0, -1].masked_fill(~allowed, float("-inf")).argmax())
+            masked = logits[0, -1].float().masked_fill(~allowed, float("-inf"))
+            nxt = int(masked.argmax())
             if nxt == tok.vocab.eos_id:
                 break
             seq.append(nxt)
+            probs.append(float(masked.softmax(-1)[nxt]))
     assert got.tolist() == seq[1:]
+    assert result.token_probs["caption"][0].tolist() == pytest.approx(probs, rel=1e-4)  # each id's probability, as recomputed
 
 
 @pytest.mark.parametrize("arch", ["encdec", "decoder"])

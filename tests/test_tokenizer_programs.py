@@ -52,6 +52,21 @@ def test_train_writes_a_tokenizer_set(tokset):
     assert json.loads((tokset / "rgb" / "train_config.json").read_text())["tokenizer"]["channels"] == [8, 16, 16]
 
 
+def test_text_config_sets_the_box_bins(synth_dir, tmp_path):
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    out = tmp_path / "set"
+    proc = run_program("tokenizers/train.py", "--config", "configs/tokenizers/text.yaml", "--data", str(synth_dir), "--out", str(out), "--set", "boxes.bins=64", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "boxes" / "config.json").read_text())["bins"] == 64
+    tset = TokenizerSet.from_pretrained(out)
+    assert len(tset.vocab.space_range("box_coords")) == 64
+    box = {"bbox": [3.0, 10.0, 40.0, 63.0], "label": "large red sphere"}
+    back = tset.decode("boxes", tset.encode("boxes", [[box]], image_size=(64, 64)), image_size=(64, 64))[0]
+    assert back[0]["label"] == box["label"] and max(abs(a - b) for a, b in zip(back[0]["bbox"], box["bbox"])) <= 0.51
+    assert_usage_error(run_program("tokenizers/train.py", "--config", "configs/tokenizers/text.yaml", "--data", str(synth_dir), "--out", str(tmp_path / "o"), "--set", "boxes.bins=1"), "bins")
+
+
 def test_evaluate_reports_every_modality(tokset, synth_dir, tmp_path):
     out = tmp_path / "metrics.json"
     proc = run_program("tokenizers/evaluate.py", "--tokenizer", str(tokset), "--data", str(synth_dir), "--json", str(out), "--quiet")

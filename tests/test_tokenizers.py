@@ -182,6 +182,23 @@ def test_box_decode_tolerates_eos_and_truncation(tset):
     assert [b["label"] for b in tset.decode("boxes", [cut], image_size=(64, 64))[0]] == ["large red cube"]
 
 
+def test_box_scores_are_the_geometric_mean_of_their_tokens(tset):
+    boxes = [{"bbox": [1, 2, 30, 40], "label": "large red cube"}, {"bbox": [3, 4, 5, 6], "label": "small gray sphere"}]
+    ids = tset.encode("boxes", [boxes], image_size=(64, 64))[0]
+    first = 4 + len(tset.text.encode("large red cube"))
+    probs = torch.full((len(ids),), 0.25)
+    probs[:first] = torch.linspace(0.2, 0.9, first)
+    # [BOS]/[PAD] inside and [EOS] at the end are skipped with their probabilities
+    seq = torch.cat([torch.tensor([tset.vocab.bos_id]), ids[:first], torch.tensor([tset.vocab.pad_id]), ids[first:], torch.tensor([tset.vocab.eos_id])])
+    p = torch.cat([torch.tensor([1e-9]), probs[:first], torch.tensor([1e-9]), probs[first:], torch.tensor([1e-9])])
+    out = tset.decode("boxes", [seq], image_size=(64, 64), probs=[p])[0]
+    assert [b["label"] for b in out] == ["large red cube", "small gray sphere"]
+    assert out[0]["score"] == pytest.approx(float(probs[:first].log().mean().exp()), rel=1e-6) and out[1]["score"] == pytest.approx(0.25, rel=1e-6)
+    assert "score" not in tset.decode("boxes", [seq], image_size=(64, 64))[0][0]
+    with pytest.raises(ValueError, match="probability rows"):
+        tset.decode("boxes", [seq, seq], image_size=(64, 64), probs=[p])
+
+
 def test_tokenizer_set_save_load_equality(tset, batch, tmp_path):
     tset.save_pretrained(tmp_path / "set")
     loaded = TokenizerSet.from_pretrained(tmp_path / "set")

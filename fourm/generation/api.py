@@ -61,11 +61,14 @@ class GenerationConfig:
 
 @dataclass
 class GenerationResult:
-    """Per modality, per sample: shared-vocabulary ids and decoded raw values."""
+    """Per modality, per sample: shared-vocabulary ids and decoded raw values; for sequence targets
+    also the probability the model gave each generated id (aligned with ``ids``; a decoded box's
+    ``score`` is the geometric mean over its tokens)."""
 
     ids: dict[str, list[torch.Tensor]]
     outputs: dict[str, list]
     image_size: tuple[int, int]
+    token_probs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def _kind(m: str) -> str:
@@ -104,14 +107,18 @@ def generate(model, tokenizers: TokenizerSet, inputs: dict, targets: list[str], 
         if "rgb" in inputs and "rgb" not in token_inputs:
             pixels = {"rgb": [torch.as_tensor(x) for x in inputs["rgb"]]}
         to_pixels = lambda m, v: torch.stack(tokenizers.decode(m, v))  # noqa: E731 (ids (B, N) -> (B, 3, R, R) uint8)
-    ids = generate_ids(model, tokenizers.vocab, tokenizers.grids, conds, targets, config, batch_size, progress, pixels, to_pixels)
-    outputs = {m: tokenizers.decode(m, v, image_size=image_size) for m, v in ids.items()}
-    return GenerationResult(ids=ids, outputs=outputs, image_size=image_size)
+    token_probs: dict[str, list[torch.Tensor]] = {}
+    ids = generate_ids(model, tokenizers.vocab, tokenizers.grids, conds, targets, config, batch_size, progress, pixels, to_pixels, token_probs)
+    outputs = {m: tokenizers.decode(m, v, image_size=image_size, probs=token_probs.get(m)) for m, v in ids.items()}
+    return GenerationResult(ids=ids, outputs=outputs, image_size=image_size, token_probs=token_probs)
 
 
 @torch.no_grad()
-def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[str, list[torch.Tensor]], targets: list[str], config: GenerationConfig, batch_size: int | None = None, progress: Callable[[int, str], None] | None = None, pixels: dict[str, list[torch.Tensor]] | None = None, to_pixels: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
+def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[str, list[torch.Tensor]], targets: list[str], config: GenerationConfig, batch_size: int | None = None, progress: Callable[[int, str], None] | None = None, pixels: dict[str, list[torch.Tensor]] | None = None, to_pixels: Callable[[str, torch.Tensor], torch.Tensor] | None = None, token_probs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[torch.Tensor]]:
     """The token-level core of ``generate``: condition ids in, target ids out (no tokenizers).
+
+    ``token_probs``: a dict that receives, per sequence target, the probability of each generated
+    id (per sample, aligned with its ids).
 
     For an encoder-decoder with ``rgb_pixels``: ``pixels`` {modality: per sample (C, R, R) uint8},
     the images of conditions in ``conds``; ``to_pixels(modality, ids (B, N)) -> (B, C, R, R)
@@ -142,6 +149,10 @@ def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[s
                 new = _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixels)
         else:
             new = _decoder_target(model, vocab, conds, target, grids, b, cfg, generator)
+        if isinstance(new, tuple):  # a sequence target: ids and their probabilities
+            new, probs = new
+            if token_probs is not None:
+                token_probs[target] = probs
         ids[target] = new
         conds[target] = new  # chaining: a finished target conditions the next
         pixels.pop(target, None)
@@ -259,7 +270,7 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator, pixels=
     return list(values)
 
 
-def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixels=None) -> list[torch.Tensor]:
+def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixels=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     mi = model.modality_index(target)
     lo, hi = vocab.logit_span(target)
     allowed = vocab.allowed_mask(target)[lo:hi]
@@ -272,6 +283,7 @@ def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixe
     cache, kvs = model.new_cache(), model.context_kvs(enc, enc_pos)
     token = torch.full((rb, 1), vocab.bos_id)
     out = torch.full((b, cfg.max_len), vocab.pad_id)
+    out_probs = torch.zeros(b, cfg.max_len)
     done = torch.zeros(b, dtype=torch.bool)
     ones = torch.ones(rb, 1, dtype=torch.bool)
     for t in range(cfg.max_len):
@@ -279,25 +291,32 @@ def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixe
         logits = model.decode(enc, enc_valid, token, torch.full((rb, 1), mi), pos, ones, ones, cache=cache, context_kvs=kvs, logits_span=(lo, hi))[:, -1]
         logits = logits.float().masked_fill(~allowed, float("-inf"))  # no span-masking sentinels
         logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
-        nxt, _ = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        nxt, prob = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         nxt = nxt + lo
         nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
-        out[:, t] = nxt
+        out[:, t], out_probs[:, t] = nxt, prob
         done |= nxt == vocab.eos_id
         if bool(done.all()):
             break
         token = nxt.repeat(2)[:, None] if use_cfg else nxt[:, None]
-    return [_cut_at_eos(row, vocab) for row in out]
+    return _cut_at_eos(out, out_probs, vocab)
 
 
-def _cut_at_eos(row: torch.Tensor, vocab) -> torch.Tensor:
-    stop = (row == vocab.eos_id).nonzero()
-    row = row[: int(stop[0])] if len(stop) else row
-    return row[row != vocab.pad_id]
+def _cut_at_eos(out: torch.Tensor, probs: torch.Tensor, vocab) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Generated rows (B, L) and their ids' probabilities -> per row, the ids before the first
+    [EOS] without [PAD], and the matching probabilities."""
+    ids, kept_probs = [], []
+    for row, p in zip(out, probs):
+        stop = (row == vocab.eos_id).nonzero()
+        n = int(stop[0]) if len(stop) else len(row)
+        keep = row[:n] != vocab.pad_id
+        ids.append(row[:n][keep])
+        kept_probs.append(p[:n][keep])
+    return ids, kept_probs
 
 
 # -- decoder-only ----------------------------------------------------------------------------------
-def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> list[torch.Tensor]:
+def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     lo, hi = vocab.logit_span(target)  # logits only for the target's id range
     allowed = vocab.allowed_mask(target)[lo:hi]
     use_cfg = cfg.cfg_scale != 0 and bool(conds)
@@ -326,17 +345,18 @@ def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> li
     logits = model(ids, positions=pos, attention_mask=mask, past_key_values=cache, cache_position=torch.arange(n), logits_to_keep=1, logits_span=(lo, hi)).logits[:, -1]
     step = compiled_decode_step if cfg.compile else decode_step
     out = torch.full((b, length), vocab.pad_id)
+    out_probs = torch.zeros(b, length)
     done = torch.zeros(b, dtype=torch.bool)
     for t in range(length):
         logits = logits.float().masked_fill(~allowed, float("-inf"))
         logits = guided(logits[:b], logits[b:], cfg.cfg_scale) if use_cfg else logits
         temp = temperature_at(t, length, cfg.temperature, cfg.temperature_end) if image else cfg.temperature
-        nxt, _ = sample(logits, temp, cfg.top_k, cfg.top_p, generator)
+        nxt, prob = sample(logits, temp, cfg.top_k, cfg.top_p, generator)
         nxt = nxt + lo
         if not image:
             nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
             done |= nxt == vocab.eos_id
-        out[:, t] = nxt
+        out[:, t], out_probs[:, t] = nxt, prob
         if (not image and bool(done.all())) or t == length - 1:
             break
         # the token just drawn is token t of the target: its position follows pack_sequence's layout
@@ -347,4 +367,4 @@ def _decoder_target(model, vocab, conds, target, grids, b, cfg, generator) -> li
             p = (next_pos + t)[:, None].expand(rb, 2)
         step_ids = nxt.repeat(2) if use_cfg else nxt
         logits = step(model, step_ids[:, None], p[:, None], torch.tensor([n + t]), mask, cache, (lo, hi))
-    return list(out) if image else [_cut_at_eos(row, vocab) for row in out]
+    return list(out) if image else _cut_at_eos(out, out_probs, vocab)

@@ -147,12 +147,13 @@ class TokenizerSet:
             ids += [start_text + t for t in self.text.encode(label)]
         return torch.tensor(ids, dtype=torch.long)
 
-    def decode(self, modality: str, ids, image_size: tuple[int, int] | None = None, scales: torch.Tensor | None = None) -> list:
+    def decode(self, modality: str, ids, image_size: tuple[int, int] | None = None, scales: torch.Tensor | None = None, probs: list[torch.Tensor] | None = None) -> list:
         """Shared ids (a list of 1-D tensors, or a (B, N) tensor) -> list of raw samples.
 
         caption, count -> str; boxes -> list[dict] in pixels of ``image_size``; rgb -> uint8
         (3, H, W); depth -> float metres (1, H, W); semseg -> int64 (H, W); normals -> float32
-        unit vectors (3, H, W).
+        unit vectors (3, H, W). ``probs`` (boxes): per sample, a model's probability of each id;
+        each box then gets a ``score``, the geometric mean over its tokens.
         """
         self._require(modality)
         if modality in self.images:
@@ -163,35 +164,48 @@ class TokenizerSet:
             return [self.text.decode(self.vocab.to_local("text", self._strip(s)).tolist()) for s in seqs]
         if image_size is None:
             raise ValueError("boxes need image_size=(height, width)")
-        return [self._decode_boxes(self._strip(s), image_size) for s in seqs]
+        if probs is not None and len(probs) != len(seqs):
+            raise ValueError(f"{len(probs)} probability rows for {len(seqs)} sequences")
+        kept = [self._kept(s) for s in seqs]
+        return [self._decode_boxes(s[k], image_size, None if probs is None else torch.as_tensor(probs[i], dtype=torch.float64)[k]) for i, (s, k) in enumerate(zip(seqs, kept))]
+
+    def _kept(self, seq: torch.Tensor) -> torch.Tensor:
+        """Indices of ``seq`` before the first [EOS], without [PAD]/[BOS]."""
+        eos = (seq == self.vocab.eos_id).nonzero()
+        n = int(eos[0]) if len(eos) else len(seq)
+        return ((seq[:n] != self.vocab.pad_id) & (seq[:n] != self.vocab.bos_id)).nonzero()[:, 0]
 
     def _strip(self, seq: torch.Tensor) -> torch.Tensor:
         """Cut at the first [EOS] and drop [PAD]/[BOS]."""
-        eos = (seq == self.vocab.eos_id).nonzero()
-        if len(eos):
-            seq = seq[: int(eos[0])]
-        return seq[(seq != self.vocab.pad_id) & (seq != self.vocab.bos_id)]
+        return seq[self._kept(seq)]
 
-    def _decode_boxes(self, seq: torch.Tensor, image_size: tuple[int, int]) -> list[dict]:
+    def _decode_boxes(self, seq: torch.Tensor, image_size: tuple[int, int], probs: torch.Tensor | None = None) -> list[dict]:
         """Parse ``(4 coordinate ids, label text ids)*``; a box with fewer than 4 coordinates or an
-        empty label is dropped; any other id is an error."""
+        empty label is dropped; any other id is an error. With ``probs`` (one per id) each box gets
+        ``score``: the geometric mean of its tokens' probabilities."""
         coords_r, text_r = self.vocab.space_range("box_coords"), self.vocab.space_range("text")
-        items: list[tuple[list[int], list[int]]] = []
-        for t in seq.tolist():
+        items: list[tuple[list[int], list[int], list[int]]] = []  # coordinates, label ids, positions in seq
+        for j, t in enumerate(seq.tolist()):
             if t in coords_r:
                 if not items or len(items[-1][0]) == 4 and items[-1][1]:
-                    items.append(([], []))
+                    items.append(([], [], []))
                 if len(items[-1][0]) < 4 and not items[-1][1]:
                     items[-1][0].append(t - coords_r.start)
+                    items[-1][2].append(j)
                 else:  # a coordinate inside a label: start over
-                    items.append(([t - coords_r.start], []))
+                    items.append(([t - coords_r.start], [], [j]))
             elif t in text_r:
                 if items and len(items[-1][0]) == 4:
                     items[-1][1].append(t - text_r.start)
+                    items[-1][2].append(j)
             else:
                 raise ValueError(f"id {t} ({self.vocab.space_of(t)}) is not a boxes id")
-        done = [(c, self.text.decode(lab).strip()) for c, lab in items if len(c) == 4 and lab]
-        return self.boxes.from_bins(done, image_size)
+        complete = [it for it in items if len(it[0]) == 4 and it[1]]
+        boxes = self.boxes.from_bins([(c, self.text.decode(lab).strip()) for c, lab, _ in complete], image_size)
+        if probs is not None:
+            for box, (_, _, where) in zip(boxes, complete):
+                box["score"] = float(probs[where].clamp_min(1e-12).log().mean().exp())
+        return boxes
 
     # -- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -22,6 +22,7 @@ import yaml
 from fourm.cli import UsageError
 from fourm.config import load_config, to_dict
 from fourm.data.loader import LoaderConfig, build_loader
+from fourm.tokenizers.boxes import BoxTokenizer, BoxTokenizerConfig
 from fourm.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 from fourm.tokenizers.train_image import ImageTokenizerTrainingConfig, train_image_tokenizer
@@ -40,6 +41,8 @@ class TextTrainConfig:
 class TextTokenizerTrainingConfig:
     tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
     train: TextTrainConfig = field(default_factory=TextTrainConfig)
+    # the boxes' coordinate quantisation, set with the text tokenizer their labels are written in
+    boxes: BoxTokenizerConfig = field(default_factory=BoxTokenizerConfig)
 
 
 KINDS = {"image": ImageTokenizerTrainingConfig, "text": TextTokenizerTrainingConfig}
@@ -126,7 +129,8 @@ def train_tokenizer(kind: str, config, data, out: str | os.PathLike, val=None, p
     if kind == "text":
         text = TextTokenizer.train(_texts(data, config.train), config.tokenizer)
         tset.text = text
-        modality, history = "text", {"vocab_size": text.vocab_size}
+        tset.boxes = BoxTokenizer(config.boxes)
+        modality, history = "text", {"vocab_size": text.vocab_size, "box_bins": config.boxes.bins}
     else:
         model, history = train_image_tokenizer(config, data, val, progress=progress)
         modality = config.tokenizer.modality
