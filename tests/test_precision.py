@@ -1,4 +1,4 @@
-"""bf16 autocast only where it is native: the switch every training and tokenizer path uses."""
+"""bf16 autocast only where it is native and pays: the switch every training and tokenizer path uses."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import torch
 from fourm import precision
 
 
+def _clear() -> None:
+    precision.cpu_has_native_bf16.cache_clear()
+    precision.cpu_bf16_pays.cache_clear()
+
+
 @pytest.fixture
 def fresh(monkeypatch):
-    precision.cpu_has_native_bf16.cache_clear()
+    _clear()
     yield monkeypatch
-    precision.cpu_has_native_bf16.cache_clear()
+    monkeypatch.undo()
+    _clear()
 
 
 def test_env_forces_and_capability_decides(fresh):
@@ -21,12 +27,12 @@ def test_env_forces_and_capability_decides(fresh):
     assert precision.autocast_dtype("cpu", wanted=False) is None
     with precision.autocast("cpu"):
         assert torch.is_autocast_enabled("cpu")
-    precision.cpu_has_native_bf16.cache_clear()
+    _clear()
     fresh.setenv(precision.ENV, "0")
     assert precision.autocast_dtype("cpu") is None
     with precision.autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")
-    precision.cpu_has_native_bf16.cache_clear()
+    _clear()
     fresh.delenv(precision.ENV)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert precision.cpu_has_native_bf16() is native
@@ -39,14 +45,32 @@ def test_engine_and_tokenizer_follow_it(fresh):
     model = torch.nn.Linear(4, 4)
     fresh.setenv(precision.ENV, "0")
     assert Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single").autocast_dtype is None
-    precision.cpu_has_native_bf16.cache_clear()
+    _clear()
     fresh.setenv(precision.ENV, "1")
     assert Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single").autocast_dtype is torch.bfloat16
     tok = ImageTokenizer(ImageTokenizerConfig(modality="rgb", channels=[8, 16, 16])).eval()
     raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     ids_bf16, _ = tok.encode(raw)
-    precision.cpu_has_native_bf16.cache_clear()
+    _clear()
     fresh.setenv(precision.ENV, "0")
     ids_fp32, _ = tok.encode(raw)
     assert ids_bf16.shape == ids_fp32.shape == (2, 64)
     assert (ids_bf16 == ids_fp32).float().mean() > 0.5  # the same codes up to bf16 rounding near boundaries
+
+
+def test_native_bf16_is_used_only_where_a_matmul_probe_finds_it_faster(fresh):
+    fresh.delenv(precision.ENV, raising=False)
+    fresh.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    for fp32, bf16, expected in ((6.0, 1.0, torch.bfloat16), (1.0, 1.9, None), (1.0, 1.0, None)):  # AMX-like, AVX512-BF16 alone, a tie
+        fresh.setattr(precision, "matmul_seconds", lambda dtype, fp32=fp32, bf16=bf16: fp32 if dtype == torch.float32 else bf16)
+        precision.cpu_bf16_pays.cache_clear()
+        assert precision.autocast_dtype("cpu") is expected, (fp32, bf16)
+    fresh.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    fresh.setattr(precision, "matmul_seconds", lambda dtype: pytest.fail("no probe without native bf16"))
+    precision.cpu_bf16_pays.cache_clear()
+    assert precision.autocast_dtype("cpu") is None
+    fresh.setenv(precision.ENV, "1")
+    precision.cpu_bf16_pays.cache_clear()
+    assert precision.autocast_dtype("cpu") is torch.bfloat16
+    fresh.undo()
+    assert precision.matmul_seconds(torch.float32, n=64, repeats=2) > 0
