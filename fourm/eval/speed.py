@@ -125,10 +125,11 @@ def maskgit_images_per_s(batch: int = 8, steps: int = 8, preset: str = "configs/
 
 # -- training, data and the machine's peak ---------------------------------------------------------
 def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 4096, repeats: int = 3) -> float:
-    """TFLOP/s of one large square matmul: the physical limit MFU is read against."""
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, dtype=getattr(torch, dtype))
-    return 2 * n**3 / _best(lambda: a @ b, repeats) / 1e12
+    """TFLOP/s of one large square matmul: the physical limit MFU is read against (timed as the
+    training dtype's probe times it, ``fourm.precision.matmul_seconds``)."""
+    from fourm.precision import matmul_seconds
+
+    return 2 * n**3 / matmul_seconds(getattr(torch, dtype), n, repeats) / 1e12
 
 
 def untrained_tokenizer_set(raw_dir: Path):
