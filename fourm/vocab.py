@@ -252,6 +252,13 @@ class SharedVocab:
         """Sequence modalities (captions, boxes) have a variable length that [EOS] ends."""
         return modality in MODALITIES and MODALITIES[modality].kind == "sequence"
 
+    def content_index(self, seq: torch.Tensor) -> torch.Tensor:
+        """Indices of a sequence's content (L,) -> (N,): before the first [EOS], without
+        [PAD]/[BOS]."""
+        eos = (seq == self.eos_id).nonzero()
+        n = int(eos[0]) if len(eos) else len(seq)
+        return ((seq[:n] != self.pad_id) & (seq[:n] != self.bos_id)).nonzero()[:, 0]
+
     # -- persistence ---------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"format": "fourm-vocab/1", "size": self.size, "specials": self.specials, "spaces": self.spaces, "modalities": self.modalities}

@@ -304,15 +304,10 @@ def _encdec_sequence(model, vocab, conds, target, b, cfg, generator, grids, pixe
 
 def _cut_at_eos(out: torch.Tensor, probs: torch.Tensor, vocab) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Generated rows (B, L) and their ids' probabilities -> per row, the ids before the first
-    [EOS] without [PAD], and the matching probabilities."""
-    ids, kept_probs = [], []
-    for row, p in zip(out, probs):
-        stop = (row == vocab.eos_id).nonzero()
-        n = int(stop[0]) if len(stop) else len(row)
-        keep = row[:n] != vocab.pad_id
-        ids.append(row[:n][keep])
-        kept_probs.append(p[:n][keep])
-    return ids, kept_probs
+    [EOS] without [PAD] (``SharedVocab.content_index``; [BOS] is never generated), and the
+    matching probabilities."""
+    kept = [vocab.content_index(row) for row in out]
+    return [row[k] for row, k in zip(out, kept)], [p[k] for p, k in zip(probs, kept)]
 
 
 # -- decoder-only ----------------------------------------------------------------------------------

@@ -166,18 +166,12 @@ class TokenizerSet:
             raise ValueError("boxes need image_size=(height, width)")
         if probs is not None and len(probs) != len(seqs):
             raise ValueError(f"{len(probs)} probability rows for {len(seqs)} sequences")
-        kept = [self._kept(s) for s in seqs]
+        kept = [self.vocab.content_index(s) for s in seqs]
         return [self._decode_boxes(s[k], image_size, None if probs is None else torch.as_tensor(probs[i], dtype=torch.float64)[k]) for i, (s, k) in enumerate(zip(seqs, kept))]
-
-    def _kept(self, seq: torch.Tensor) -> torch.Tensor:
-        """Indices of ``seq`` before the first [EOS], without [PAD]/[BOS]."""
-        eos = (seq == self.vocab.eos_id).nonzero()
-        n = int(eos[0]) if len(eos) else len(seq)
-        return ((seq[:n] != self.vocab.pad_id) & (seq[:n] != self.vocab.bos_id)).nonzero()[:, 0]
 
     def _strip(self, seq: torch.Tensor) -> torch.Tensor:
         """Cut at the first [EOS] and drop [PAD]/[BOS]."""
-        return seq[self._kept(seq)]
+        return seq[self.vocab.content_index(seq)]
 
     def _decode_boxes(self, seq: torch.Tensor, image_size: tuple[int, int], probs: torch.Tensor | None = None) -> list[dict]:
         """Parse ``(4 coordinate ids, label text ids)*``; a box with fewer than 4 coordinates or an
