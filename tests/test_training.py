@@ -215,3 +215,36 @@ def test_fast_loss_equals_full_logits(token_dir, arch, mode, z, softmax):
     assert set(g_fast) == set(g_full)
     for name in g_full:
         assert torch.allclose(g_fast[name], g_full[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_train_closes_the_process_group_it_started_and_only_that(token_dir, tmp_path, monkeypatch):
+    """A group left open ends its threads in the interpreter's shutdown (a finished two-rank run
+    aborted so once in CI): train() closes the group it started; one the caller started stays."""
+    import torch.distributed as dist
+
+    from fourm.config import load_config
+    from fourm.training import loop
+    from fourm.training.data import DataSource
+
+    def start_group(use_deepspeed):  # what init_distributed does under torchrun, for one rank
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/owned_store", rank=0, world_size=1)
+        return 0, 1
+
+    def cfg():
+        sets = ["model.dim=32", "model.enc_layers=1", "model.dec_layers=1", "data.batch_size=4", "data.num_workers=0", "max_steps=2"]
+        c = load_config(loop.TrainConfig, REPO / "configs/train/tiny_encdec.yaml", sets)
+        c.data.sources = [DataSource(path=str(token_dir))]
+        return c
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(loop, "init_distributed", start_group)
+    assert loop.train(cfg(), tmp_path / "owned", progress=False)["steps"] == 2
+    assert not dist.is_initialized()
+
+    monkeypatch.setattr(loop, "init_distributed", lambda use_deepspeed: (0, 1))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/callers_store", rank=0, world_size=1)
+    try:
+        assert loop.train(cfg(), tmp_path / "callers", progress=False)["steps"] == 2
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -34,7 +34,8 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def init_distributed(use_deepspeed: bool) -> tuple[int, int]:
-    """Start the process group when launched with several ranks; returns (rank, world)."""
+    """Start the process group when launched with several ranks; returns (rank, world). Whoever
+    calls this when no group exists ends it with ``end_distributed``."""
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available()
@@ -48,6 +49,25 @@ def init_distributed(use_deepspeed: bool) -> tuple[int, int]:
         else:
             dist.init_process_group(backend=backend)
     return rank, world
+
+
+def end_distributed(completed: bool, use_deepspeed: bool) -> None:
+    """Close the process group: after a barrier when every rank ``completed`` (a failed rank's
+    peers would wait there forever), so no rank tears its group down under another's last
+    collective. Left open, the group's communication threads end during the interpreter's own
+    shutdown instead, which aborted a finished two-rank DeepSpeed run once in CI ("terminate called
+    without an active exception", SIGABRT after "done")."""
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    if use_deepspeed:  # also drops DeepSpeed's references to its groups
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+    log.debug("process group closed")
 
 
 def _apply_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -43,7 +43,7 @@ from fourm.objectives.mixture import ObjectiveConfig
 from fourm.training import checkpoint as ckpt
 from fourm.training import run_dir
 from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context, pixel_sizes
-from fourm.training.engine import Engine, init_distributed, load_deepspeed_config
+from fourm.training.engine import Engine, end_distributed, init_distributed, load_deepspeed_config
 from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.training.schedule import warmup_cosine
 from fourm.vocab import SharedVocab
@@ -177,8 +177,21 @@ def _count_tokens(batch: dict) -> int:
 
 
 def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """Run training into ``out``; returns a summary (steps, tokens, last losses)."""
-    out = Path(out)
+    """Run training into ``out``; returns a summary (steps, tokens, last losses). Under a launcher
+    with several ranks it starts the process group and closes it before returning (a group the
+    caller started stays open)."""
+    owns_group = not dist.is_initialized()
+    completed = False
+    try:
+        summary = _train(cfg, Path(out), deepspeed_config, resume, progress)
+        completed = True
+        return summary
+    finally:
+        if owns_group:
+            end_distributed(completed, deepspeed_config is not None)
+
+
+def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bool, progress: bool) -> dict:
     rank, world = init_distributed(deepspeed_config is not None)
     manifest = token_manifest(cfg)
     run_dir.check_writable(out)  # every rank, before the model is built: fails in seconds, not at the first checkpoint
