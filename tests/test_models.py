@@ -400,6 +400,10 @@ def _expected_params(cfg) -> int:
         return cfg.n_layers * block + d
     cross = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d + qk + d
     pixels = 3 * cfg.pixel_patch**2 * d if cfg.rgb_pixels else 0  # the rgb patch projection
+    if cfg.rgb_pixels and cfg.pixel_stem == "conv":  # and 4x4 bias-free convolutions, 4 channels in, halving to dim
+        n = cfg.pixel_patch.bit_length() - 1
+        ch = [4] + [max(16, d >> (n - i)) for i in range(1, n)] + [d]
+        pixels += sum(16 * a * b for a, b in zip(ch, ch[1:]))
     return cfg.enc_layers * block + cfg.dec_layers * (block + cross) + 2 * d + len(cfg.modalities) * d + pixels
 
 

@@ -58,7 +58,7 @@ def test_examples_carry_the_patches_of_their_visible_rgb_tokens():
 
 
 def _model(**over):
-    overrides = ["dim=64", "enc_layers=1", "dec_layers=1", "rgb_pixels=true", "pixel_patch=4"] + [f"{k}={v}" for k, v in over.items()]
+    overrides = ["dim=64", "enc_layers=1", "dec_layers=1", "rgb_pixels=true", "pixel_patch=4", "pixel_stem=linear"] + [f"{k}={v}" for k, v in over.items()]
     torch.manual_seed(0)
     return build_model(REPO / "configs/models/encdec_tiny.yaml", vocab=VOCAB, overrides=overrides)
 
@@ -90,10 +90,11 @@ def test_the_model_adds_a_projection_of_each_tokens_patch():
         _model(pixel_patch=8).eval().encode(*args, pixels=b["enc_pixels"], pixel_mask=b["enc_pixel_mask"])
 
 
-def test_generation_reads_the_condition_images_pixels_not_the_generated_ones(monkeypatch):
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_generation_reads_the_condition_images_pixels_not_the_generated_ones(monkeypatch, stem):
     from fourm.generation import api
 
-    model = _model().eval()
+    model = _model(pixel_stem=stem).eval()
     rng = np.random.default_rng(3)
     images = [torch.from_numpy(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)) for _ in range(2)]
     conds = {"rgb": [torch.as_tensor(_tokens(rng)["rgb"]) for _ in range(2)]}
@@ -140,7 +141,7 @@ def test_token_shards_keep_the_rgb_pixels_and_a_pixel_model_trains(token_dir, tm
     import fourm
 
     model = fourm.load_model(out / "final")
-    assert model.config.rgb_pixels and model.pixel_embed.weight.abs().sum() > 0
+    assert model.config.rgb_pixels and model.config.pixel_stem == "conv" and sum(float(w.abs().sum()) for w in model.pixel_embed.parameters()) > 0
     # token shards made before (no rgb.pixels.npy): a one-line error, not a silent ids-only run
     old = tmp_path / "old"
     old.mkdir()
@@ -188,3 +189,53 @@ def test_rgb_known_only_as_ids_is_read_through_its_decoding(monkeypatch):
         assert (pixels[is_rgb] == (ids[is_rgb] % 251).to(torch.uint8)[:, None]).all()
     assert calls == 2 + 3  # rgb: MaskGIT steps 2 and 3 (step 1 has nothing fixed); depth: its 3 steps, rgb as their condition
     assert len(out["rgb"]) == 2
+
+
+def test_the_conv_stem_reads_neighbours_never_hidden_patches_whatever_the_batch():
+    """``pixel_stem: conv``: a token's feature changes with a visible neighbour's pixels (the
+    linear stem's does not), never with a hidden patch's, and is the same alone or batched beside
+    an example whose visible patches reach further (the canvas is only as large as needed)."""
+    from fourm.models.pixel_stem import ConvPixelStem
+
+    torch.manual_seed(0)
+    stem = ConvPixelStem(4, 32).eval()
+    g, p = 4, 4
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (3, g * p, g * p), dtype=np.uint8)
+    patches = torch.from_numpy(image_patches(image, g))[None]  # (1, 16, 48)
+    positions = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).reshape(1, g * g, 2)
+    mask = torch.zeros(1, g * g, dtype=torch.bool)
+    mask[0, [0, 1, 4, 5]] = True  # the top-left 2 x 2 patches visible
+    with torch.no_grad():
+        base = stem(patches, mask, positions)
+        assert base.shape == (1, 16, 32) and base[0, mask[0]].abs().sum() > 0 and not base[0, ~mask[0]].any()
+        hidden = patches.clone()
+        hidden[0, 2] = 255 - hidden[0, 2]  # a hidden patch beside visible token 1
+        assert torch.equal(stem(hidden, mask, positions), base)
+        for seen_by, changed in ((0, 1), (0, 4), (5, 4), (5, 1)):  # right, below, left, above
+            neighbour = patches.clone()
+            neighbour[0, changed] = 255 - neighbour[0, changed]
+            assert not torch.allclose(stem(neighbour, mask, positions)[0, seen_by], base[0, seen_by])
+        far = torch.ones(1, g * g, dtype=torch.bool)  # a second example with every patch visible
+        both = stem(torch.cat([patches, patches.flip(1)]), torch.cat([mask, far]), torch.cat([positions, positions]))
+        assert torch.allclose(both[:1], base, atol=1e-6)
+        assert not stem(patches, torch.zeros_like(mask), positions).any()
+
+
+def test_a_conv_stem_model_encodes_and_checks_its_config():
+    from fourm.models.encdec import EncDecConfig
+
+    model = _model(pixel_stem="conv").eval()
+    rng = np.random.default_rng(6)
+    tokens = _tokens(rng)
+    b = collate_encdec([encdec_example(tokens, prefix_plans(tokens, KINDS, rng, n_condition=4, shuffle=False), VOCAB, GRIDS, pixels={"rgb": rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)})])
+    args = (b["enc_ids"], b["enc_modality"], b["enc_positions"], b["enc_valid"])
+    plain = model.encode(*args)
+    assert torch.equal(model.encode(*args, pixels=b["enc_pixels"], pixel_mask=torch.zeros_like(b["enc_pixel_mask"])), plain)
+    assert not torch.allclose(model.encode(*args, pixels=b["enc_pixels"], pixel_mask=b["enc_pixel_mask"]), plain)
+    with pytest.raises(ValueError, match="positions"):
+        model.pixel_features(b["enc_pixels"], b["enc_pixel_mask"])
+    with pytest.raises(ValueError, match="'linear' or 'conv'"):
+        EncDecConfig(pixel_stem="cnn")
+    with pytest.raises(ValueError, match="power-of-two"):
+        EncDecConfig(rgb_pixels=True, pixel_stem="conv", pixel_patch=6)

@@ -29,6 +29,7 @@ from fourm.models.decoder import IGNORE_INDEX, _init_weights
 from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
+from fourm.models.pixel_stem import ConvPixelStem
 from fourm.models.pretrained import Pretrained
 
 
@@ -52,11 +53,18 @@ class EncDecConfig(TransformerConfig):
     # training: the share of examples whose patches are withheld (0.5 measured far worse than 0 at
     # the demo's budget: delta1 0.903 against 0.969, README "rgb read as pixels too")
     pixel_dropout: float = 0.0
+    # "linear": each patch projected on its own; "conv": stride-2 convolutions over the visible
+    # patches put back in place, so a token's feature sees its neighbours' pixels (``pixel_stem.py``)
+    pixel_stem: str = "linear"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pixel_patch < 1 or not 0.0 <= self.pixel_dropout < 1.0:
             raise ValueError(f"pixel_patch must be >= 1 and pixel_dropout in [0, 1), got {self.pixel_patch} and {self.pixel_dropout}")
+        if self.pixel_stem not in ("linear", "conv"):
+            raise ValueError(f"pixel_stem must be 'linear' or 'conv', got {self.pixel_stem!r}")
+        if self.rgb_pixels and self.pixel_stem == "conv" and (self.pixel_patch < 2 or self.pixel_patch & (self.pixel_patch - 1)):
+            raise ValueError(f"pixel_stem: conv needs a power-of-two pixel_patch >= 2, got {self.pixel_patch}")
 
 
 class EncoderDecoder(nn.Module, Pretrained):
@@ -77,7 +85,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.rgb_pixels and "rgb" not in config.modalities:
             raise ValueError("rgb_pixels needs an rgb modality in the vocabulary")
-        self.pixel_embed = nn.Linear(3 * config.pixel_patch**2, config.dim, bias=False) if config.rgb_pixels else None
+        self.pixel_embed: nn.Module | None = None
+        if config.rgb_pixels:
+            self.pixel_embed = ConvPixelStem(config.pixel_patch, config.dim) if config.pixel_stem == "conv" else nn.Linear(3 * config.pixel_patch**2, config.dim, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # per modality, the ids its targets may take and the smallest id span holding them
@@ -91,15 +101,19 @@ class EncoderDecoder(nn.Module, Pretrained):
         except ValueError:
             raise KeyError(f"unknown modality {name!r}; this model has: {', '.join(self.config.modalities)}") from None
 
-    def pixel_features(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pixel_features(self, pixels: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """pixels (B, S, 3 * p * p) uint8 patches, mask (B, S) bool where a token has its patch ->
         (B, S, dim), zero where it has none (and, training, for a ``pixel_dropout`` share of the
-        examples)."""
+        examples). ``positions`` (B, S, 2): the tokens' grid places, which the conv stem needs."""
         if pixels.shape[-1] != self.pixel_embed.in_features:
             raise ValueError(f"pixel patches of {pixels.shape[-1]} values, but this model reads {self.pixel_embed.in_features} ({self.config.pixel_patch}x{self.config.pixel_patch}x3)")
         keep = mask
         if self.training and self.config.pixel_dropout > 0:
             keep = keep & (torch.rand(keep.shape[0], 1, device=keep.device) >= self.config.pixel_dropout)
+        if isinstance(self.pixel_embed, ConvPixelStem):
+            if positions is None:
+                raise ValueError("the conv pixel stem needs the tokens' positions")
+            return self.pixel_embed(pixels, keep, positions)
         weight = self.pixel_embed.weight
         return self.pixel_embed(pixels.to(weight.dtype) / 127.5 - 1.0) * keep[..., None].to(weight.dtype)
 
@@ -110,9 +124,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         pixel patches, read by a model with ``rgb_pixels`` (``pixel_features``), ignored by others."""
         x = self.embed(ids) + self.modality_embeddings(modality)
         if self.pixel_embed is not None and pixels is not None:
-            x = x + self.pixel_features(pixels, pixel_mask if pixel_mask is not None else torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device))
+            x = x + self.pixel_features(pixels, pixel_mask if pixel_mask is not None else torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device), positions)
         elif self.pixel_embed is not None and self.training:  # a batch without patches: DDP still waits for this layer's gradient
-            x = x + self.pixel_embed.weight.sum() * 0.0
+            x = x + sum(w.sum() for w in self.pixel_embed.parameters()) * 0.0
         if layout is not None:
             x = layout.unpad(x)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
