@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -45,15 +46,19 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def matmul_seconds(dtype: torch.dtype, n: int = 512, repeats: int = 5) -> float:
-    """Best of ``repeats`` timings of one n x n matmul in ``dtype`` (after a warm-up)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def matmul_seconds(dtypes: Sequence[torch.dtype], n: int = 512, repeats: int = 5) -> list[float]:
+    """Best of ``repeats`` timings of one n x n matmul in each of ``dtypes`` (after a warm-up), the
+    dtypes taking turns in every round: a burst of other work on the machine (a data loader's
+    workers starting) then slows them alike instead of one alone."""
+    pairs = [(torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)) for dt in dtypes]
+    for a, b in pairs:
         a @ b
-        best = min(best, time.perf_counter() - start)
+    best = [float("inf")] * len(pairs)
+    for _ in range(repeats):
+        for i, (a, b) in enumerate(pairs):
+            start = time.perf_counter()
+            a @ b
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -66,7 +71,7 @@ def cpu_bf16_pays() -> bool:
         return forced
     if not cpu_has_native_bf16():
         return False
-    fp32, bf16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
+    fp32, bf16 = matmul_seconds([torch.float32, torch.bfloat16], repeats=10)
     pays = fp32 / bf16 >= PAYS
     log.info("bf16 matmul %.2f ms against fp32 %.2f ms (512^3): %s", bf16 * 1e3, fp32 * 1e3, "bf16 autocast" if pays else "float32")
     return pays

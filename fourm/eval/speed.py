@@ -129,7 +129,7 @@ def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 4096, repeats: int = 3)
     training dtype's probe times it, ``fourm.precision.matmul_seconds``)."""
     from fourm.precision import matmul_seconds
 
-    return 2 * n**3 / matmul_seconds(getattr(torch, dtype), n, repeats) / 1e12
+    return 2 * n**3 / matmul_seconds([getattr(torch, dtype)], n, repeats)[0] / 1e12
 
 
 def untrained_tokenizer_set(raw_dir: Path):

@@ -48,10 +48,12 @@ class ConvPixelStem(nn.Module):
         b, s, _ = pixels.shape
         p, dim = self.patch, self.net[-1].out_channels
         dtype = self.net[0].weight.dtype
-        if positions.dim() != 3 or not bool(mask.any()):
-            return pixels.new_zeros(b, s, dim, dtype=dtype)
+        if positions.dim() != 3:
+            raise ValueError(f"the conv pixel stem needs (B, S, 2) grid positions, got shape {tuple(positions.shape)}")
         rows, cols = positions[..., 0].long(), positions[..., 1].long()
-        g = int(torch.maximum(rows[mask].max(), cols[mask].max())) + 2  # a margin of one absent patch
+        # a margin of one absent patch; the layers run even when no patch is visible (then on an
+        # empty canvas), so every rank of a ZeRO-3 run gathers their weights alike
+        g = int(torch.maximum(rows[mask].max(), cols[mask].max())) + 2 if bool(mask.any()) else 1
         slot = torch.arange(b, device=pixels.device)[:, None] * g * g + rows * g + cols  # (B, S)
         x = pixels[mask].to(dtype).view(-1, 3, p * p) / 127.5 - 1.0
         x = torch.cat([x, x.new_ones(x.shape[0], 1, p * p)], 1).view(-1, 4 * p * p)
