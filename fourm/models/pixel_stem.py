@@ -41,7 +41,8 @@ class ConvPixelStem(nn.Module):
                 layers.append(nn.GELU())
         self.net = nn.Sequential(*layers)
         # the patch's own projection beside the convolutions: colours reach the token directly
-        # (the convolutions alone halved caption F1 in a measured arm, README "A convolutional pixel stem")
+        # (the convolutions alone cut caption F1 from 0.212 to 0.071 in a measured arm, README "A
+        # convolutional pixel stem")
         self.linear = nn.Linear(self.in_features, dim, bias=False)
 
     def forward(self, pixels: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
