@@ -38,10 +38,8 @@ def _forced() -> bool | None:
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX tiles (what PyTorch's own dispatch checks), unless ``FOURM_CPU_BF16`` says."""
-    forced = _forced()
-    if forced is not None:
-        return forced
+    """AVX512-BF16 or AMX tiles (what PyTorch's own dispatch checks): the hardware's answer, which
+    ``FOURM_CPU_BF16`` does not change (it forces ``cpu_bf16_pays``, the one switch)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
@@ -79,7 +77,9 @@ def cpu_bf16_pays() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once() -> None:
-    if cpu_has_native_bf16():
+    if _forced() is False:
+        log.warning("%s=0: running float32 instead of bf16 autocast", ENV)
+    elif cpu_has_native_bf16():
         log.warning("bfloat16 is native on this CPU but not faster than float32 (no AMX; capability %s): running float32 instead of bf16 autocast (%s=1 forces bf16)",
                     torch.backends.cpu.get_cpu_capability(), ENV)
     else:

@@ -93,3 +93,15 @@ def test_the_probes_dtypes_take_turns_so_a_burst_of_load_slows_both(monkeypatch)
 
     monkeypatch.setattr(precision, "time", types.SimpleNamespace(perf_counter=perf_counter))
     assert precision.matmul_seconds([torch.float32, torch.bfloat16], n=8, repeats=5) == [1.0, 1.0]
+
+
+def test_forcing_fp32_does_not_change_what_the_hardware_is_said_to_have(fresh, caplog):
+    native = precision.cpu_has_native_bf16()
+    fresh.setenv(precision.ENV, "0")
+    _clear()
+    precision._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="fourm.precision"):
+        assert precision.autocast_dtype("cpu") is None
+    assert precision.cpu_has_native_bf16() is native  # the hardware's answer, whatever the override
+    assert "FOURM_CPU_BF16=0" in caplog.text and "no native" not in caplog.text
+    precision._warn_once.cache_clear()
