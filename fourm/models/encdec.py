@@ -29,7 +29,7 @@ from fourm.models.decoder import IGNORE_INDEX, _init_weights
 from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
-from fourm.models.pixel_stem import ConvPixelStem
+from fourm.models.pixel_stem import ConvPixelStem, scaled_pixels
 from fourm.models.pretrained import Pretrained
 
 
@@ -115,7 +115,7 @@ class EncoderDecoder(nn.Module, Pretrained):
                 raise ValueError("the conv pixel stem needs the tokens' positions")
             return self.pixel_embed(pixels, keep, positions)
         weight = self.pixel_embed.weight
-        return self.pixel_embed(pixels.to(weight.dtype) / 127.5 - 1.0) * keep[..., None].to(weight.dtype)
+        return self.pixel_embed(scaled_pixels(pixels, weight.dtype)) * keep[..., None].to(weight.dtype)
 
     def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, layout: Unpadded | None = None, pixels: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim).

@@ -21,6 +21,11 @@ import torch
 import torch.nn as nn
 
 
+def scaled_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 pixel values -> ``dtype`` in [-1, 1], as both stems read them."""
+    return pixels.to(dtype) / 127.5 - 1.0
+
+
 class ConvPixelStem(nn.Module):
     """pixels (B, S, 3 * p * p) uint8 patches (channel-major, ``image_patches``), mask (B, S) bool
     where a token has its patch, positions (B, S, 2) its (row, column) in the token grid ->
@@ -56,11 +61,12 @@ class ConvPixelStem(nn.Module):
         # empty canvas), so every rank of a ZeRO-3 run gathers their weights alike
         g = int(torch.maximum(rows[mask].max(), cols[mask].max())) + 2 if bool(mask.any()) else 1
         slot = torch.arange(b, device=pixels.device)[:, None] * g * g + rows * g + cols  # (B, S)
-        x = pixels[mask].to(dtype).view(-1, 3, p * p) / 127.5 - 1.0
+        scaled = scaled_pixels(pixels, dtype)  # (B, S, 3 * p * p)
+        x = scaled[mask].view(-1, 3, p * p)
         x = torch.cat([x, x.new_ones(x.shape[0], 1, p * p)], 1).view(-1, 4 * p * p)
         canvas = x.new_zeros(b * g * g, 4 * p * p).index_copy(0, slot[mask], x)
         image = canvas.view(b, g, g, 4, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 4, g * p, g * p)
         cells = self.net(image).flatten(2).transpose(1, 2).reshape(b * g * g, dim)  # (B * g * g, dim)
         out = cells.index_select(0, torch.where(mask, slot, 0).flatten()).view(b, s, dim)
-        own = self.linear(pixels.to(dtype) / 127.5 - 1.0)  # (B, S, dim); masked below
+        own = self.linear(scaled)  # (B, S, dim); masked below
         return (out + own) * mask[..., None].to(out.dtype)
