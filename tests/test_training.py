@@ -248,3 +248,29 @@ def test_train_closes_the_process_group_it_started_and_only_that(token_dir, tmp_
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_fused_adamw_steps_as_the_reference_adamw():
+    """The loop's optimizer outside DeepSpeed is PyTorch's fused AdamW (decay on matrices only); a
+    few steps leave the same weights and moments as the reference implementation, to 1e-5."""
+    import torch
+
+    from fourm.training.loop import OptimConfig, make_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    opts = [make_optimizer(list(m.parameters()), cfg, fused=f) for m, f in zip(models, (True, False))]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    assert [g["weight_decay"] for g in opts[0].param_groups] == [0.1, 0.0] and len(opts[0].param_groups[0]["params"]) == 2  # the two weight matrices
+    x, before = torch.randn(32, 8), models[0][0].weight.detach().clone()
+    for _ in range(5):
+        for m, opt in zip(models, opts):
+            m(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(opts[0].state[a]["exp_avg_sq"], opts[1].state[b]["exp_avg_sq"], atol=1e-6, rtol=1e-5)
+    assert (models[0][0].weight - before).abs().max() > 1e-2  # the steps moved the weights
