@@ -274,3 +274,17 @@ def test_the_fused_adamw_steps_as_the_reference_adamw():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(opts[0].state[a]["exp_avg_sq"], opts[1].state[b]["exp_avg_sq"], atol=1e-6, rtol=1e-5)
     assert (models[0][0].weight - before).abs().max() > 1e-2  # the steps moved the weights
+
+
+def test_a_checkpoint_that_does_not_fit_is_told_by_its_tensors_not_by_error_text():
+    """``first_difference`` names the first missing key, shape difference or unexpected key (what
+    resume reports for a checkpoint of another model), and nothing when the tensors fit."""
+    import torch
+
+    from fourm.training.engine import first_difference
+
+    model = {"a.weight": torch.zeros(4, 2), "b.weight": torch.zeros(3)}
+    assert first_difference(model, {k: v.clone() for k, v in model.items()}) is None
+    assert first_difference(model, {"a.weight": torch.zeros(4, 2)}) == "missing b.weight"
+    assert first_difference(model, {"a.weight": torch.zeros(8, 2), "b.weight": torch.zeros(3)}) == "a.weight: shape (8, 2) in the checkpoint, (4, 2) in the model"
+    assert first_difference(model, {**model, "c.bias": torch.zeros(1)}) == "unexpected c.bias"

@@ -146,6 +146,18 @@ def weights_only_torch_load():
                 os.environ[key] = value
 
 
+def first_difference(model: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor]) -> str | None:
+    """The first way ``checkpoint``'s tensors do not fit ``model``'s state dict (a key missing or
+    unexpected, or a shape), in words; None when they fit."""
+    for key in model:
+        if key not in checkpoint:
+            return f"missing {key}"
+        if tuple(checkpoint[key].shape) != tuple(model[key].shape):
+            return f"{key}: shape {tuple(checkpoint[key].shape)} in the checkpoint, {tuple(model[key].shape)} in the model"
+    extra = [key for key in checkpoint if key not in model]
+    return f"unexpected {extra[0]}" if extra else None
+
+
 class Engine:
     """Wraps model + optimizer for the chosen distribution; the loop talks only to this."""
 
@@ -245,18 +257,23 @@ class Engine:
     def load(self, directory: Path) -> None:
         """Weights and optimizer state from a checkpoint; ValueError (naming the first difference)
         when its tensors do not fit this model."""
+        hint = "resume with the model config the run started with"
+        if self.ds is None:
+            state = load_file(str(directory / "model.safetensors"), device=str(self.device))
+            difference = first_difference(self.module.state_dict(), state)
+            if difference:
+                raise ValueError(f"checkpoint {directory} does not fit the model ({difference}): {hint}")
+            self.module.load_state_dict(state)
+            optimizer_from_files(self.optimizer, directory)
+            return
         try:
-            if self.ds is not None:
-                with weights_only_torch_load():
-                    self.ds.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
-                return
-            self.module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(self.device)))
-        except RuntimeError as exn:
+            with weights_only_torch_load():
+                self.ds.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
+        except RuntimeError as exn:  # DeepSpeed's own loading: its error text is all there is to go by
             lines = [line.strip() for line in str(exn).splitlines() if line.strip()]
             if not lines or "state_dict" not in lines[0]:
                 raise
-            raise ValueError(f"checkpoint {directory} does not fit the model ({lines[1] if len(lines) > 1 else lines[0]}): resume with the model config the run started with") from None
-        optimizer_from_files(self.optimizer, directory)
+            raise ValueError(f"checkpoint {directory} does not fit the model ({lines[1] if len(lines) > 1 else lines[0]}): {hint}") from None
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (gathered from ZeRO-3 shards), None elsewhere."""
