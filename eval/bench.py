@@ -122,7 +122,7 @@ def print_tables(result: dict) -> None:
         rows = [[f"decoder_tiny {r['dtype']}, greedy, batch {r['batch']}, {r['new_tokens']} new tokens", "compiled" if r["compiled"] else "eager", f"{r['ours_tokens_per_s']:.0f}", f"{r['hf_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['first_call_s']:.1f}"] for r in result["decoding"]]
         print(markdown_table(["decoding (tokens/s), both models in the same dtype", "fourm step", "fourm", "HF generate", "ratio", "fourm first call (s)"], rows))
         m = result["maskgit"]
-        print(f"\nMaskGIT, encdec_tiny, batch {m['batch']}: {m['steps']} steps = {m['decoder_passes_per_image']} decoder passes per image, {m['ms_per_image']:.1f} ms per image ({m['images_per_s']:.1f} images/s)")
+        print(f"\nMaskGIT, encdec_tiny, batch {m['batch']}: {m['steps']} steps = {m['decoder_passes_per_image']} decoder passes per image and {m['rgb_decodes']} rgb decodes of the batch's estimate (the model reads rgb as pixels), {m['ms_per_image']:.1f} ms per image ({m['images_per_s']:.1f} images/s)")
 
 
 if __name__ == "__main__":

@@ -156,14 +156,18 @@ def test_token_shards_keep_the_rgb_pixels_and_a_pixel_model_trains(token_dir, tm
 def test_rgb_known_only_as_ids_is_read_through_its_decoding(monkeypatch):
     """Generated rgb (as a later target's condition) and MaskGIT's partly generated rgb get the
     patches of their ids decoded (here a stand-in decoder that paints each token's patch with its
-    id), so every rgb token the encoder sees has its patch, as in training."""
+    id), so every rgb token the encoder sees has its patch, as in training; a finished rgb is
+    decoded only when a later target reads it."""
     from fourm.generation import api
 
     model = _model().eval()
     g, p = 4, 4
 
+    decodes = []
+
     def to_pixels(m, ids):
         assert m == "rgb" and ids.shape[1] == g * g
+        decodes.append(m)
         v = (ids % 251).to(torch.uint8).reshape(-1, g, g)
         return v.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None].expand(-1, 3, -1, -1).contiguous()
 
@@ -188,7 +192,10 @@ def test_rgb_known_only_as_ids_is_read_through_its_decoding(monkeypatch):
         assert (mask == is_rgb).all()
         assert (pixels[is_rgb] == (ids[is_rgb] % 251).to(torch.uint8)[:, None]).all()
     assert calls == 2 + 3  # rgb: MaskGIT steps 2 and 3 (step 1 has nothing fixed); depth: its 3 steps, rgb as their condition
-    assert len(out["rgb"]) == 2
+    assert len(out["rgb"]) == 2 and len(decodes) == 2 + 1  # steps 2 and 3, then the finished rgb for depth
+    decodes.clear()
+    api.generate_ids(model, VOCAB, GRIDS, conds, ["rgb"], api.GenerationConfig(steps=3), to_pixels=to_pixels)
+    assert len(decodes) == 2  # the last target's pixels are not decoded: nothing reads them
 
 
 def test_the_conv_stem_reads_neighbours_never_hidden_patches_whatever_the_batch():

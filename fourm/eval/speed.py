@@ -17,6 +17,7 @@ from fourm.models.sequence import pack_sequence
 from fourm.precision import autocast
 from fourm.vocab import SharedVocab
 
+REPO = Path(__file__).resolve().parents[2]
 BENCH_SPACES = {"text": 512, "box_coords": 1000, "rgb": 1000, "depth": 1000, "semseg": 1000}
 
 
@@ -104,13 +105,20 @@ def decoding_vs_hf(batch: int, new_tokens: int = 64, prompt: int = 24, preset: s
 @torch.no_grad()
 def maskgit_images_per_s(batch: int = 8, steps: int = 8, preset: str = "configs/models/encdec_tiny.yaml", repeats: int = 3) -> dict:
     """Caption -> 64-token rgb image by MaskGIT with the encoder-decoder: ms per image; every step
-    is one encoder and one decoder pass."""
+    is one encoder and one decoder pass. A model that reads rgb as pixels (``rgb_pixels``, the
+    preset's) gets, as ``generate`` gives it, the fixed tokens' patches from the rgb tokenizer's
+    decode of each step's estimate: an untrained tokenizer of the demo's shape
+    (``configs/tokenizers/rgb.yaml``); ``rgb_decodes`` counts its calls in one generation (each
+    decodes the whole batch)."""
+    from fourm.tokenizers.image import ImageTokenizer
+    from fourm.tokenizers.training import load_training_config
+
     vocab = SharedVocab.build(BENCH_SPACES)
     torch.manual_seed(0)
     model = build_model(preset, vocab=vocab).eval()
     caption = [vocab.to_global("text", torch.randint(0, 512, (24,))) for _ in range(batch)]
     cfg = GenerationConfig(temperature=1.0, steps=steps)
-    calls = {"n": 0}
+    calls = {"n": 0, "decodes": 0}
     forward = model.decode
 
     def counting(*a, **k):
@@ -118,9 +126,17 @@ def maskgit_images_per_s(batch: int = 8, steps: int = 8, preset: str = "configs/
         return forward(*a, **k)
 
     model.decode = counting
-    seconds = _best(lambda: generate_ids(model, vocab, {"rgb": 8}, {"caption": caption}, ["rgb"], cfg), repeats)
+    to_pixels = None
+    if getattr(model.config, "rgb_pixels", False):
+        rgb = ImageTokenizer(load_training_config(REPO / "configs" / "tokenizers" / "rgb.yaml", [])[1].tokenizer).eval()
+
+        def to_pixels(m, ids):  # ids (B, N) -> (B, 3, R, R) uint8, as ``generate``'s
+            calls["decodes"] += 1
+            return rgb.decode(vocab.to_local(m, ids))
+
+    seconds = _best(lambda: generate_ids(model, vocab, {"rgb": 8}, {"caption": caption}, ["rgb"], cfg, to_pixels=to_pixels), repeats)
     passes = calls["n"] // (repeats + 1)
-    return {"batch": batch, "steps": steps, "decoder_passes_per_image": passes, "ms_per_image": 1000 * seconds / batch, "images_per_s": batch / seconds}
+    return {"batch": batch, "steps": steps, "decoder_passes_per_image": passes, "rgb_decodes": calls["decodes"] // (repeats + 1), "ms_per_image": 1000 * seconds / batch, "images_per_s": batch / seconds}
 
 
 # -- training, data and the machine's peak ---------------------------------------------------------

@@ -156,7 +156,8 @@ def generate_ids(model, vocab: SharedVocab, grids: dict[str, int], conds: dict[s
         ids[target] = new
         conds[target] = new  # chaining: a finished target conditions the next
         pixels.pop(target, None)
-        fill(target)
+        if i + 1 < len(targets):  # its pixels only if a target follows to read them
+            fill(target)
     return ids
 
 
