@@ -349,14 +349,13 @@ def zero3_parameter_memory(tokens_dir: Path, work: Path, timeout: float = 600, o
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[2]
     summaries = {}
     for n in (1, 2) if one_rank_run else (2,):
         run_dir = Path(work) / f"zero3_{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29400 + os.getpid() % 500 + n), str(repo / "launch" / "train.py"),
-               "--config", str(repo / "configs" / "train" / "tiny_encdec.yaml"), "--data", str(tokens_dir), "--out", str(run_dir), "--max-steps", "1",
-               "--deepspeed", str(repo / "configs" / "deepspeed" / "zero3.json"), "--set", "data.num_workers=0", "--set", "data.batch_size=2", "--quiet"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=repo)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29400 + os.getpid() % 500 + n), str(REPO / "launch" / "train.py"),
+               "--config", str(REPO / "configs" / "train" / "tiny_encdec.yaml"), "--data", str(tokens_dir), "--out", str(run_dir), "--max-steps", "1",
+               "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero3.json"), "--set", "data.num_workers=0", "--set", "data.batch_size=2", "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=REPO)
         if proc.returncode != 0:
             raise RuntimeError(f"ZeRO-3 run with {n} rank(s) failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
         summaries[n] = json.loads((run_dir / "summary.json").read_text())
