@@ -93,6 +93,20 @@ def test_find_objects_splits_by_colour_and_votes_on_shape():
     assert sorted((o["color"], o["shape"]) for o in find_objects(rgb, seg)) == [("red", "cube"), ("red", "sphere")]
 
 
+def test_a_blended_outline_is_not_an_object_of_its_own():
+    """A decoded image's object edge blends into the ground and reads as another colour along the
+    outline: a thin rim of it is not a second object (it was, before the judge's opening), while
+    a solid part of the same size still is."""
+    red, gray = COLORS["red"], COLORS["gray"]
+    rgb = np.full((32, 32, 3), 200, np.uint8)
+    seg = np.ones((32, 32), np.int64)
+    rgb[8:18, 8:18], seg[8:18, 8:18] = gray, CLASSES.index("cube")  # outline: 36 gray pixels, 36% of the region
+    rgb[9:17, 9:17] = red
+    assert [(o["color"], o["shape"]) for o in find_objects(rgb, seg)] == [("red", "cube")]
+    rgb[8:18, 18:22], seg[8:18, 18:22] = gray, CLASSES.index("cube")  # a solid gray cube touching it
+    assert sorted((o["color"], o["shape"]) for o in find_objects(rgb, seg)) == [("gray", "cube"), ("red", "cube")]
+
+
 def test_judge_relations_and_counts():
     a = {"shape": "cube", "color": "red", "cx": 10.0, "bottom": 30.0, "pixels": 50}
     b = {"shape": "sphere", "color": "blue", "cx": 40.0, "bottom": 20.0, "pixels": 50}

@@ -455,6 +455,22 @@ def test_tied_embeddings_save_once(tmp_path):
     assert loaded.lm_head.weight is loaded.embed.weight and torch.equal(loaded.embed.weight, model.embed.weight)
 
 
+def test_weights_that_do_not_fit_their_config_are_named(tmp_path):
+    """A model directory whose weights do not fit its config.json (a shape, or a tensor missing)
+    is a ValueError naming the tensor, not PyTorch's load_state_dict RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    save_pretrained(tiny_decoder(), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({**state, "lm_head.weight": state["lm_head.weight"][:-1].contiguous()}, str(weights))
+    with pytest.raises(ValueError, match=r"lm_head.weight: shape \(\d+, \d+\) in the checkpoint"):
+        load_model(tmp_path / "m")
+    save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, str(weights))
+    with pytest.raises(ValueError, match="missing lm_head.weight"):
+        load_model(tmp_path / "m")
+
+
 def test_encdec_cached_decoding_equals_full():
     model = tiny_encdec()
     cap = model.modality_index("caption")

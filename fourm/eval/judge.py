@@ -170,7 +170,9 @@ def color_name(pixels: np.ndarray) -> str:
 
 def _parts(region: np.ndarray, labels: np.ndarray, min_pixels: int, share: float) -> list[np.ndarray]:
     """The connected parts of ``region`` (H, W) bool within which ``labels`` (H, W) is constant,
-    keeping those of at least ``min_pixels`` and ``share`` of the region."""
+    keeping those of at least ``min_pixels`` and ``share`` of the region that are more than a thin
+    rim: at least ``min_pixels`` survive a morphological opening. A decoded image's object edges
+    blend into the ground, and the blend reads as another colour along the outline."""
     from scipy import ndimage
 
     keep, size = [], int(region.sum())
@@ -178,7 +180,7 @@ def _parts(region: np.ndarray, labels: np.ndarray, min_pixels: int, share: float
         sub, n = ndimage.label(region & (labels == value))
         for i in range(1, n + 1):
             part = sub == i
-            if part.sum() >= max(min_pixels, share * size):
+            if part.sum() >= max(min_pixels, share * size) and ndimage.binary_opening(part).sum() >= min_pixels:
                 keep.append(part)
     return keep
 

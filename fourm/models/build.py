@@ -102,11 +102,26 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> torch
     state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
     if "modality_embed.weight" in state:  # the name before models could grow (see grow.py)
         state["modality_embeddings.weight"] = state.pop("modality_embed.weight")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    difference = first_difference(model.state_dict(), state, optional=("lm_head.weight",) if config.tie_embeddings else ())
+    if difference:
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config ({difference})")
+    model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+def first_difference(model: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> str | None:
+    """The first way ``checkpoint``'s tensors do not fit ``model``'s state dict (a key missing or
+    unexpected, or a shape), in words; None when they fit. Keys in ``optional`` may be missing
+    (a tied LM head is saved once, as the embedding)."""
+    for key in model:
+        if key not in checkpoint:
+            if key in optional:
+                continue
+            return f"missing {key}"
+        if tuple(checkpoint[key].shape) != tuple(model[key].shape):
+            return f"{key}: shape {tuple(checkpoint[key].shape)} in the checkpoint, {tuple(model[key].shape)} in the model"
+    extra = [key for key in checkpoint if key not in model]
+    return f"unexpected {extra[0]}" if extra else None
 
 
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

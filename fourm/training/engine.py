@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from fourm.config import output_path
+from fourm.models.build import first_difference
 from fourm.precision import autocast_dtype
 from fourm.training.checkpoint import optimizer_from_files, optimizer_to_files
 
@@ -144,18 +145,6 @@ def weights_only_torch_load():
             os.environ.pop(key, None)
             if value is not None:
                 os.environ[key] = value
-
-
-def first_difference(model: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor]) -> str | None:
-    """The first way ``checkpoint``'s tensors do not fit ``model``'s state dict (a key missing or
-    unexpected, or a shape), in words; None when they fit."""
-    for key in model:
-        if key not in checkpoint:
-            return f"missing {key}"
-        if tuple(checkpoint[key].shape) != tuple(model[key].shape):
-            return f"{key}: shape {tuple(checkpoint[key].shape)} in the checkpoint, {tuple(model[key].shape)} in the model"
-    extra = [key for key in checkpoint if key not in model]
-    return f"unexpected {extra[0]}" if extra else None
 
 
 class Engine:
