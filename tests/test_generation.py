@@ -177,6 +177,24 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir
 
 
+def test_generate_program_names_weights_that_do_not_fit(model_dir, tmp_path):
+    """A model directory whose weights do not fit its config.json: one line naming the tensor and
+    exit 2 (it was PyTorch's load_state_dict traceback)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import assert_usage_error, run_program
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    save_file({k: v[:-1].contiguous() if k == "embed.weight" else v for k, v in state.items()}, str(broken / "model.safetensors"))
+    proc = run_program("launch/generate.py", "--model", str(broken), "--from", "caption=a large red sphere", "--to", "rgb", "--out", str(tmp_path / "out"))
+    assert_usage_error(proc, "does not fit its config", "embed.weight: shape")
+    assert not (tmp_path / "out").exists()
+
+
 def test_generate_program_writes_every_output(model_dir, synth_dir, tmp_path):
     import json
     import tarfile
