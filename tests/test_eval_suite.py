@@ -144,6 +144,11 @@ def test_judge_segmenter_save_load_and_foreign_files(tmp_path, synth_dir):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "old.safetensors"))
     with pytest.raises(ValueError, match="another format"):
         load_segmenter(tmp_path / "old.safetensors")
+    from fourm.eval.judge import JUDGE_FORMAT
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "bad.safetensors"), metadata={"format": JUDGE_FORMAT, "width": "8"})
+    with pytest.raises(ValueError, match="do not fit its width 8"):  # the right format, the wrong tensors
+        load_segmenter(tmp_path / "bad.safetensors")
     assert load_or_train_segmenter(tmp_path / "old.safetensors", None, JudgeConfig()) is None
     retrained = load_or_train_segmenter(tmp_path / "old.safetensors", synth_dir, JudgeConfig(steps=2, batch_size=4, width=8))
     assert isinstance(retrained, Segmenter) and isinstance(load_segmenter(tmp_path / "old.safetensors"), Segmenter)

@@ -214,3 +214,14 @@ def test_tokenizer_set_save_load_equality(tset, batch, tmp_path):
         TokenizerSet.from_pretrained(tmp_path / "set")
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         TokenizerSet.from_pretrained(tmp_path / "nothing")
+    # weights that do not fit their config: a ValueError naming the tensor, not load_state_dict's RuntimeError
+    from safetensors.torch import load_file, save_file
+
+    del cfg["typo"]
+    (tmp_path / "set" / "rgb" / "config.json").write_text(json.dumps(cfg))
+    weights = tmp_path / "set" / "rgb" / "model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k, v in state.items() if v.dim() >= 1)
+    save_file({**state, key: state[key][:-1].contiguous()}, str(weights))
+    with pytest.raises(ValueError, match=rf"does not fit its config \({key}: shape"):
+        TokenizerSet.from_pretrained(tmp_path / "set")

@@ -125,16 +125,23 @@ def save_segmenter(model: Segmenter, path: str | Path) -> None:
 
 
 def load_segmenter(path: str | Path) -> Segmenter:
-    """A saved judge segmenter; ValueError when the file is of another format (retrain it)."""
+    """A saved judge segmenter; ValueError when the file is of another format or its tensors do
+    not fit its width (retrain it)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from fourm.models.build import first_difference
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != JUDGE_FORMAT:
         raise ValueError(f"{path}: a judge segmenter of another format ({meta.get('format', 'unknown')}, expected {JUDGE_FORMAT})")
     model = Segmenter(int(meta["width"]))
-    model.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    difference = first_difference(model.state_dict(), state)
+    if difference:
+        raise ValueError(f"{path}: a judge segmenter whose tensors do not fit its width {meta['width']} ({difference})")
+    model.load_state_dict(state)
     return model.eval()
 
 

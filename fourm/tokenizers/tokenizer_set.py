@@ -244,7 +244,13 @@ def load_image_tokenizer(directory: Path) -> ImageTokenizer:
     config = load_config(ImageTokenizerConfig, json.loads((directory / CONFIG).read_text()))
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"missing weights {directory / WEIGHTS}")
+    from fourm.models.build import first_difference
+
     tok = ImageTokenizer(config)
-    tok.load_state_dict(load_file(str(directory / WEIGHTS)))
+    state = load_file(str(directory / WEIGHTS))
+    difference = first_difference(tok.state_dict(), state)
+    if difference:
+        raise ValueError(f"{directory / WEIGHTS} does not fit its config ({difference})")
+    tok.load_state_dict(state)
     tok.eval()
     return tok
