@@ -2,7 +2,7 @@
 """The evaluation suite on held-out scenes: every direction against its floor and its ceiling.
 
     python eval/evaluate.py --model DIR --data DIR --json OUT [--train-data DIR] [--judge FILE]
-        [--tokenizers DIR] [--scenes 64] [--steps 8] [--predict-steps 1] [--md OUT] [--directions rgb_to_depth,rgb_to_normals,...]
+        [--tokenizers DIR] [--scenes 64] [--steps 8] [--predict-steps 1] [--rgb-cfg 2] [--rgb-temperature 1] [--rgb-top-k 50] [--seed 0] [--md OUT] [--directions rgb_to_depth,rgb_to_normals,...]
 
 --train-data enables the floors (mean depth, majority class, commonest object) and, when --judge
 names no existing file, trains the caption -> rgb judge's segmenter on it and saves it there.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fourm.cli import ArgumentParser, UsageError, positive_int, run, setup_logging, write_json
+from fourm.cli import ArgumentParser, UsageError, non_negative_int, positive_int, run, setup_logging, write_json
 from fourm.data.shards import require_shards
 from fourm.eval.suite import DIRECTIONS, EXTRA_DIRECTIONS, EvalConfig, check_targets, evaluate, markdown_report
 
@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", type=positive_int, default=64)
     p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps of caption -> rgb")
     p.add_argument("--predict-steps", type=positive_int, default=1, help="MaskGIT steps of rgb -> depth/semseg/normals (greedy; 1: one pass)")
+    p.add_argument("--rgb-cfg", type=float, default=EvalConfig.rgb_cfg, help="classifier-free guidance scale of the sampled caption -> rgb (0: none)")
+    p.add_argument("--rgb-temperature", type=float, default=EvalConfig.rgb_temperature, help="sampling temperature of caption -> rgb (0: greedy)")
+    p.add_argument("--rgb-top-k", type=non_negative_int, default=EvalConfig.rgb_top_k, help="top-k of caption -> rgb (0: all ids)")
+    p.add_argument("--seed", type=non_negative_int, default=EvalConfig.seed, help="sampling seed of caption -> rgb")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--judge-steps", type=positive_int, default=None, help="judge segmenter training steps (default: JudgeConfig's)")
     p.add_argument("--judge-minutes", type=float, default=None, help="judge segmenter training time cap (default: JudgeConfig's)")
@@ -54,9 +58,10 @@ def main(argv=None) -> int:
     except ValueError as exn:
         raise UsageError(f"--judge-steps/--judge-minutes: {exn}") from None
     try:
-        config = EvalConfig(scenes=args.scenes, steps=args.steps, predict_steps=args.predict_steps, batch_size=args.batch_size, directions=directions, judge=judge_config)
-    except ValueError as exn:
-        raise UsageError(f"--directions: {exn}") from None
+        config = EvalConfig(scenes=args.scenes, steps=args.steps, predict_steps=args.predict_steps, batch_size=args.batch_size, directions=directions, judge=judge_config, rgb_cfg=args.rgb_cfg, rgb_temperature=args.rgb_temperature, rgb_top_k=args.rgb_top_k, seed=args.seed)
+    except ValueError as exn:  # unknown directions, or a negative caption -> rgb sampling setting
+        field_name, _, rest = str(exn).partition(" ")
+        raise UsageError(f"--{field_name.replace('_', '-')} {rest}" if field_name.startswith("rgb_") else f"--directions: {exn}") from None
     judge = None
     if "caption_to_rgb" in directions:
         if args.judge:

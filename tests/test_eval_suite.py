@@ -166,13 +166,16 @@ def test_predictions_in_one_pass_and_caption_to_rgb_in_steps(monkeypatch, token_
     seen, real = [], api.generate
 
     def spy(model, tokenizers, inputs, targets, config, *args, **kwargs):
-        seen.append((tuple(targets), config.steps, config.temperature))
+        seen.append((tuple(targets), config.steps, config.temperature, config.top_k, config.cfg_scale))
         return real(model, tokenizers, inputs, targets, config, *args, **kwargs)
 
     monkeypatch.setattr(api, "generate", spy)
-    config = EvalConfig(scenes=4, batch_size=4, steps=3, predict_steps=2, max_len=4, directions=("rgb_to_depth", "rgb_to_semseg", "caption_to_rgb"))
+    config = EvalConfig(scenes=4, batch_size=4, steps=3, predict_steps=2, max_len=4, directions=("rgb_to_depth", "rgb_to_semseg", "caption_to_rgb"), rgb_temperature=0.7, rgb_top_k=7, rgb_cfg=3.5)
     report, _ = evaluate(model, tok, synth_dir, config, progress=False)
-    assert sorted(seen) == [(("depth",), 2, 0.0), (("rgb",), 3, 1.0), (("semseg",), 2, 0.0)]
+    assert sorted(seen) == [(("depth",), 2, 0.0, 0, 0.0), (("rgb",), 3, 0.7, 7, 3.5), (("semseg",), 2, 0.0, 0, 0.0)]
     assert {"rgb_to_depth", "rgb_to_semseg"} <= set(report["model"])
     with pytest.raises(ValueError, match="predict_steps"):
         EvalConfig(predict_steps=0)
+    for name in ("rgb_cfg", "rgb_temperature", "rgb_top_k"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+            EvalConfig(**{name: -1})

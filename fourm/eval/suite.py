@@ -67,6 +67,9 @@ class EvalConfig:
         for name in ("scenes", "batch_size", "steps", "predict_steps", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rgb_temperature", "rgb_top_k", "rgb_cfg"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         unknown = set(self.directions) - set(DIRECTIONS) - set(EXTRA_DIRECTIONS)
         if unknown:
             raise ValueError(f"unknown direction(s) {sorted(unknown)}; known: {', '.join(DIRECTIONS + EXTRA_DIRECTIONS)}")
