@@ -179,3 +179,5 @@ def test_predictions_in_one_pass_and_caption_to_rgb_in_steps(monkeypatch, token_
     for name in ("rgb_cfg", "rgb_temperature", "rgb_top_k"):
         with pytest.raises(ValueError, match=f"{name} must be >= 0"):
             EvalConfig(**{name: -1})
+    with pytest.raises(ValueError, match="rgb_cfg must be >= 0, got nan"):
+        EvalConfig(rgb_cfg=float("nan"))

@@ -68,7 +68,7 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("rgb_temperature", "rgb_top_k", "rgb_cfg"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         unknown = set(self.directions) - set(DIRECTIONS) - set(EXTRA_DIRECTIONS)
         if unknown:
