@@ -24,7 +24,7 @@ CASES = [
     ("launch/playground.py", "--model {missing} --port 0", "missing"),
     ("launch/playground.py", "--model {empty} --port 0", "empty"),
     ("eval/evaluate.py", "--model {missing} --data {empty} --json {out}/r.json", "empty"),
-    ("eval/evaluate.py", "--model {missing} --data {empty} --json {out}/r.json --rgb-top-k -1", "--rgb-top-k"),
+    ("eval/evaluate.py", "--model {missing} --data {empty} --json {out}/r.json --rgb-top-k -1", "--rgb-top-k: expected a non-negative integer"),
     ("eval/compare.py", "--demo {missing} --json {out}/r.json", "missing"),
     ("eval/bench.py", "--sections nonsense --json {out}/r.json", "nonsense"),
     ("eval/playground_latency.py", "--url http://127.0.0.1:1/ --json {out}/r.json", "no playground answers"),
