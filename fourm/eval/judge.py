@@ -130,18 +130,14 @@ def load_segmenter(path: str | Path) -> Segmenter:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from fourm.models.build import first_difference
+    from fourm.models.build import load_fitting
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != JUDGE_FORMAT:
         raise ValueError(f"{path}: a judge segmenter of another format ({meta.get('format', 'unknown')}, expected {JUDGE_FORMAT})")
     model = Segmenter(int(meta["width"]))
-    state = load_file(str(path))
-    difference = first_difference(model.state_dict(), state)
-    if difference:
-        raise ValueError(f"{path}: a judge segmenter whose tensors do not fit its width {meta['width']} ({difference})")
-    model.load_state_dict(state)
+    load_fitting(model, load_file(str(path)), f"{path}: a judge segmenter whose tensors do not fit its width {meta['width']}")
     return model.eval()
 
 

@@ -102,10 +102,7 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> torch
     state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
     if "modality_embed.weight" in state:  # the name before models could grow (see grow.py)
         state["modality_embeddings.weight"] = state.pop("modality_embed.weight")
-    difference = first_difference(model.state_dict(), state, optional=("lm_head.weight",) if config.tie_embeddings else ())
-    if difference:
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config ({difference})")
-    model.load_state_dict(state, strict=False)
+    load_fitting(model, state, f"{directory / WEIGHTS_FILE} does not fit its config", optional=("lm_head.weight",) if config.tie_embeddings else ())
     return model.eval()
 
 
@@ -122,6 +119,15 @@ def first_difference(model: dict[str, torch.Tensor], checkpoint: dict[str, torch
             return f"{key}: shape {tuple(checkpoint[key].shape)} in the checkpoint, {tuple(model[key].shape)} in the model"
     extra = [key for key in checkpoint if key not in model]
     return f"unexpected {extra[0]}" if extra else None
+
+
+def load_fitting(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = (), hint: str = "") -> None:
+    """Load ``state`` into ``module`` once it fits (``first_difference``); otherwise ValueError
+    ``"{what} ({the first difference})[: {hint}]"``, with nothing loaded."""
+    difference = first_difference(module.state_dict(), state, optional)
+    if difference:
+        raise ValueError(f"{what} ({difference})" + (f": {hint}" if hint else ""))
+    module.load_state_dict(state, strict=not optional)
 
 
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

@@ -244,13 +244,9 @@ def load_image_tokenizer(directory: Path) -> ImageTokenizer:
     config = load_config(ImageTokenizerConfig, json.loads((directory / CONFIG).read_text()))
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"missing weights {directory / WEIGHTS}")
-    from fourm.models.build import first_difference
+    from fourm.models.build import load_fitting
 
     tok = ImageTokenizer(config)
-    state = load_file(str(directory / WEIGHTS))
-    difference = first_difference(tok.state_dict(), state)
-    if difference:
-        raise ValueError(f"{directory / WEIGHTS} does not fit its config ({difference})")
-    tok.load_state_dict(state)
+    load_fitting(tok, load_file(str(directory / WEIGHTS)), f"{directory / WEIGHTS} does not fit its config")
     tok.eval()
     return tok

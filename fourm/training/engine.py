@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from fourm.config import output_path
-from fourm.models.build import first_difference
+from fourm.models.build import load_fitting
 from fourm.precision import autocast_dtype
 from fourm.training.checkpoint import optimizer_from_files, optimizer_to_files
 
@@ -248,11 +248,7 @@ class Engine:
         when its tensors do not fit this model."""
         hint = "resume with the model config the run started with"
         if self.ds is None:
-            state = load_file(str(directory / "model.safetensors"), device=str(self.device))
-            difference = first_difference(self.module.state_dict(), state)
-            if difference:
-                raise ValueError(f"checkpoint {directory} does not fit the model ({difference}): {hint}")
-            self.module.load_state_dict(state)
+            load_fitting(self.module, load_file(str(directory / "model.safetensors"), device=str(self.device)), f"checkpoint {directory} does not fit the model", hint=hint)
             optimizer_from_files(self.optimizer, directory)
             return
         try:
