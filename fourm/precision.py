@@ -9,6 +9,13 @@ at half fp32's speed (0.17 against 0.32 TFLOP/s at 4096^3) and training at 2,355
 process) decides: bf16 only where it is at least ``PAYS`` times faster. A ``bf16: true`` setting
 means "bf16 where it pays": other CPUs run float32, with one warning. ``FOURM_CPU_BF16=1`` forces
 bfloat16 on any CPU, ``FOURM_CPU_BF16=0`` turns it off everywhere on CPU.
+
+A matmul is not the workload: on a 2-core AMD EPYC with AVX512-BF16 a 512^3 bf16 matmul ran 2.5x
+fp32's speed, yet the demo's encoder-decoder trained at 2,404 tokens/s in bf16 against 3,266 in
+fp32. So the training paths (the model, the image tokenizers, the judge) decide with
+``choose_autocast``: a few steps of the real workload in each dtype, taking turns, once per
+workload per process, the figures logged. The matmul probe remains for the paths that have no
+step of their own to time (tokenizer inference, the speed benchmarks).
 """
 
 from __future__ import annotations
@@ -17,14 +24,17 @@ import contextlib
 import functools
 import logging
 import os
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
 ENV = "FOURM_CPU_BF16"
 PAYS = 1.2  # bf16 / fp32 matmul speed from which bf16 autocast is used on CPU
+WORKLOAD_PAYS = 1.05  # fp32 / bf16 seconds of a real step from which bf16 is chosen (a tie keeps fp32's precision)
 
 
 def _forced() -> bool | None:
@@ -107,7 +117,105 @@ def autocast_dtype(device_type: str, wanted: bool = True) -> torch.dtype | None:
 
 def autocast(device_type: str, wanted: bool = True):
     """A bf16 autocast context where ``autocast_dtype`` says so, else a no-op context."""
-    dtype = autocast_dtype(device_type, wanted)
+    return autocast_for(device_type, autocast_dtype(device_type, wanted))
+
+
+# -- deciding by timing the workload itself --------------------------------------------------------
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What ``choose_autocast`` decided for one workload, and why (``reason``: timed, forced,
+    not wanted, no native bf16, cuda). ``fp32_s`` / ``bf16_s``: median seconds of one step (timed only)."""
+
+    workload: str
+    dtype: torch.dtype | None
+    reason: str
+    fp32_s: float | None = None
+    bf16_s: float | None = None
+
+    def describe(self) -> str:
+        chosen = "bf16 autocast" if self.dtype is torch.bfloat16 else "float32"
+        if self.reason == "timed":
+            return f"{self.workload}: a step {self.bf16_s * 1e3:.1f} ms in bf16 against {self.fp32_s * 1e3:.1f} ms in fp32: {chosen}"
+        return f"{self.workload}: {chosen} ({self.reason})"
+
+
+def time_steps(step: Callable[[torch.dtype | None, int], object], rounds: int = 4, timer: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """Median seconds of ``step(None, i)`` (float32) and ``step(torch.bfloat16, i)`` over rounds
+    i = 1..rounds, after an untimed warm-up of each (i = 0). ``i`` picks the batch: a workload whose
+    shapes vary from batch to batch must be timed on batches it has not seen, since oneDNN's bf16
+    kernels are built per shape (the demo's encoder-decoder on an AMX Xeon: bf16 240 ms a step on a
+    batch seen before, 340 ms on new ones, fp32 280 ms either way). The two take turns in every
+    round, so a burst of other load slows both."""
+    step(None, 0)
+    step(torch.bfloat16, 0)
+    times: dict[object, list[float]] = {None: [], torch.bfloat16: []}
+    for i in range(1, rounds + 1):
+        for dtype in times:
+            start = timer()
+            step(dtype, i)
+            times[dtype].append(timer() - start)
+    return statistics.median(times[None]), statistics.median(times[torch.bfloat16])
+
+
+_CHOICES: dict[str, PrecisionChoice] = {}
+
+
+def choose_autocast(device_type: str, wanted: bool, workload: str, step: Callable[[torch.dtype | None, int], object] | None, rounds: int = 4, timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
+    """Whether ``workload`` runs under bf16 autocast here, decided by timing ``step(dtype, i)`` (one
+    forward + backward of the real thing on its i-th batch, under ``autocast_for(device_type,
+    dtype)``) both ways (``time_steps``).
+
+    Not timed: when bf16 is not ``wanted``; on CUDA (bf16 where the GPU supports it); when
+    ``FOURM_CPU_BF16`` forces it; on a CPU without native bfloat16 (hundreds of times slower,
+    warned once). Timed choices are cached per ``workload`` name for the process; ``step`` None
+    falls back to the matmul probe (``cpu_bf16_pays``). Every decision is logged."""
+    if not wanted:
+        return PrecisionChoice(workload, None, "not wanted")
+    if device_type == "cuda":
+        return PrecisionChoice(workload, torch.bfloat16 if bf16_ok("cuda") else None, "cuda")
+    forced = _forced()
+    if forced is not None:
+        if not forced:
+            _warn_once()
+        choice = PrecisionChoice(workload, torch.bfloat16 if forced else None, f"forced by {ENV}")
+    elif not cpu_has_native_bf16():
+        _warn_once()
+        choice = PrecisionChoice(workload, None, "no native bf16")
+    elif step is None:
+        choice = PrecisionChoice(workload, torch.bfloat16 if cpu_bf16_pays() else None, "matmul probe")
+    elif workload in _CHOICES:
+        return _CHOICES[workload]
+    else:
+        fp32, bf16 = time_steps(step, rounds=rounds, timer=timer)
+        choice = PrecisionChoice(workload, torch.bfloat16 if fp32 / max(bf16, 1e-12) >= WORKLOAD_PAYS else None, "timed", fp32, bf16)
+    log.info("precision: %s", choice.describe())
+    if choice.reason == "timed":  # the others are cheap to decide again, and follow the environment
+        _CHOICES[workload] = choice
+    return choice
+
+
+def training_step(module: torch.nn.Module, loss_of: Callable[[int], torch.Tensor], device_type: str = "cpu") -> Callable[[torch.dtype | None, int], None]:
+    """``step(dtype, i)`` for ``choose_autocast``: ``loss_of(i)`` (the i-th probe batch's loss) under autocast to ``dtype``, backward,
+    ``module``'s gradients cleared, its buffers (a VQ codebook's EMA) and torch's RNG put back: a
+    probe changes no later result."""
+
+    def step(dtype: torch.dtype | None, i: int) -> None:
+        rng = torch.get_rng_state()
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        with autocast_for(device_type, dtype):
+            loss = loss_of(i)
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.set_rng_state(rng)
+
+    return step
+
+
+def autocast_for(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or a no-op context for None (float32)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)

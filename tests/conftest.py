@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Runs compared across processes (resume against an uninterrupted run, two ranks against one) must
+# take one precision: a timed choice can differ between runs of a tiny model. The timed choice
+# itself is tested with an injected timer (test_precision.py, test_training.py).
+os.environ.setdefault("FOURM_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

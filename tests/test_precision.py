@@ -11,6 +11,7 @@ from fourm import precision
 def _clear() -> None:
     precision.cpu_has_native_bf16.cache_clear()
     precision.cpu_bf16_pays.cache_clear()
+    precision._CHOICES.clear()
 
 
 @pytest.fixture
@@ -43,11 +44,15 @@ def test_engine_and_tokenizer_follow_it(fresh):
     from fourm.training.engine import Engine
 
     model = torch.nn.Linear(4, 4)
+    step = precision.training_step(model, lambda i: model(torch.ones(2, 4)).sum())
     fresh.setenv(precision.ENV, "0")
-    assert Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single").autocast_dtype is None
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single")
+    assert engine.choose_precision("linear", step).dtype is None and engine.autocast_dtype is None
     _clear()
     fresh.setenv(precision.ENV, "1")
-    assert Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single").autocast_dtype is torch.bfloat16
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single")
+    assert engine.choose_precision("linear", step).dtype is torch.bfloat16 and engine.autocast_dtype is torch.bfloat16
+    assert Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), "single", bf16=False).choose_precision("linear", step).dtype is None
     tok = ImageTokenizer(ImageTokenizerConfig(modality="rgb", channels=[8, 16, 16])).eval()
     raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     ids_bf16, _ = tok.encode(raw)
@@ -105,3 +110,87 @@ def test_forcing_fp32_does_not_change_what_the_hardware_is_said_to_have(fresh, c
     assert precision.cpu_has_native_bf16() is native  # the hardware's answer, whatever the override
     assert "FOURM_CPU_BF16=0" in caplog.text and "no native" not in caplog.text
     precision._warn_once.cache_clear()
+
+
+class FakeClock:
+    """A timer whose steps take the seconds the test says: ``step(dtype)`` advances it by
+    ``cost[dtype]`` (and by ``burst`` for the first ``burst_steps`` steps)."""
+
+    def __init__(self, fp32: float, bf16: float, burst: float = 0.0, burst_steps: int = 0):
+        self.t, self.cost, self.burst, self.left, self.calls = 0.0, {None: fp32, torch.bfloat16: bf16}, burst, burst_steps, []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def step(self, dtype, i) -> None:
+        self.calls.append((dtype, i))
+        self.t += self.cost[dtype] + (self.burst if self.left > 0 else 0.0)
+        self.left -= 1
+
+
+@pytest.mark.parametrize(("fp32", "bf16", "expected"), [
+    (0.30, 0.10, torch.bfloat16),  # AMX: the real step three times as fast
+    (0.30, 0.41, None),  # AVX512-BF16 alone: a faster matmul, a slower step (issue 31's EPYC)
+    (0.30, 0.30, None),  # a tie keeps fp32's precision
+])
+def test_the_workload_decides_not_the_matmul(fresh, fp32, bf16, expected):
+    fresh.delenv(precision.ENV, raising=False)
+    fresh.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    fresh.setattr(precision, "matmul_seconds", lambda *a, **k: pytest.fail("the matmul probe is not asked when the step is timed"))
+    clock = FakeClock(fp32, bf16)
+    choice = precision.choose_autocast("cpu", True, "w", clock.step, rounds=3, timer=clock)
+    assert choice.dtype is expected and choice.reason == "timed"
+    assert (choice.fp32_s, choice.bf16_s) == pytest.approx((fp32, bf16))
+    # a warm-up each on batch 0, then three rounds taking turns, each round on a batch not seen before
+    assert clock.calls == [(None, 0), (torch.bfloat16, 0), (None, 1), (torch.bfloat16, 1), (None, 2), (torch.bfloat16, 2), (None, 3), (torch.bfloat16, 3)]
+    assert "ms in bf16 against" in choice.describe()
+    # cached per workload: asked again, nothing is timed; another workload is timed anew
+    assert precision.choose_autocast("cpu", True, "w", pytest.fail, timer=clock) is choice
+    other = FakeClock(0.3, 0.1 if expected is None else 0.9)
+    assert precision.choose_autocast("cpu", True, "w2", other.step, timer=other).dtype is (torch.bfloat16 if expected is None else None)
+
+
+def test_a_burst_of_load_does_not_decide(fresh):
+    """Medians of turns: other work slowing the first few steps (whichever dtype they were) moves neither."""
+    fresh.delenv(precision.ENV, raising=False)
+    fresh.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    clock = FakeClock(0.30, 0.20, burst=1.0, burst_steps=3)  # warm-ups and the first fp32 timing slowed
+    choice = precision.choose_autocast("cpu", True, "burst", clock.step, rounds=3, timer=clock)
+    assert choice.fp32_s == pytest.approx(0.30) and choice.bf16_s == pytest.approx(0.20) and choice.dtype is torch.bfloat16
+
+
+def test_what_is_not_timed(fresh):
+    fresh.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    fresh.delenv(precision.ENV, raising=False)
+    assert precision.choose_autocast("cpu", True, "x", pytest.fail).reason == "no native bf16"
+    assert precision.choose_autocast("cpu", False, "x", pytest.fail).dtype is None
+    fresh.setenv(precision.ENV, "1")
+    assert precision.choose_autocast("cpu", True, "x", pytest.fail).dtype is torch.bfloat16
+    fresh.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    fresh.setenv(precision.ENV, "0")
+    assert precision.choose_autocast("cpu", True, "x", pytest.fail).dtype is None
+
+
+def test_a_probe_step_changes_nothing_that_follows():
+    """The probe's forward + backward leaves no gradient, no buffer change, no RNG draw behind."""
+    torch.manual_seed(0)
+
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.register_buffer("ema", torch.zeros(4))
+
+        def forward(self, x):
+            y = self.lin(x + torch.rand_like(x))
+            self.ema.add_(y.detach().float().mean(0))
+            return y.float().pow(2).mean()
+
+    model = Noisy()
+    before = torch.get_rng_state()
+    step = precision.training_step(model, lambda i: model(torch.ones(3, 4) * i))
+    step(None, 0)
+    step(torch.bfloat16, 1)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model.ema, torch.zeros(4))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -289,3 +289,131 @@ def test_a_checkpoint_that_does_not_fit_is_told_by_its_tensors_not_by_error_text
     assert first_difference(model, {"a.weight": torch.zeros(8, 2), "b.weight": torch.zeros(3)}) == "a.weight: shape (8, 2) in the checkpoint, (4, 2) in the model"
     assert first_difference(model, {**model, "c.bias": torch.zeros(1)}) == "unexpected c.bias"
     assert first_difference(model, {"a.weight": torch.zeros(4, 2)}, optional=("b.weight",)) is None  # a tied head, saved once
+
+
+def _tiny_cfg(token_dir, *sets):
+    from fourm.config import load_config
+    from fourm.training import loop
+    from fourm.training.data import DataSource
+
+    base = ["model.dim=32", "model.enc_layers=1", "model.dec_layers=1", "data.batch_size=4", "data.num_workers=0", "ckpt_every=2"]
+    c = load_config(loop.TrainConfig, REPO / "configs/train/tiny_encdec.yaml", [*base, *sets])
+    c.data.sources = [DataSource(path=str(token_dir))]
+    return c
+
+
+def test_the_loop_times_its_own_step_and_a_resumed_run_keeps_the_choice(token_dir, tmp_path, monkeypatch):
+    """Precision is chosen by timing the run's first batch both ways (an injected timing here), the
+    choice is recorded in every checkpoint, and --resume takes it from there instead of timing again."""
+    import torch
+
+    from fourm import precision
+    from fourm.training import loop
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    timed = []
+
+    def fake_time_steps(step, rounds=4, timer=None):
+        step(None, 0)  # the real probe steps run (and must leave no trace behind)
+        step(torch.bfloat16, 1)
+        timed.append(1)
+        return 0.3, 0.1  # bf16 three times as fast
+
+    monkeypatch.setattr(precision, "time_steps", fake_time_steps)
+    seen = []
+    real_forward = loop.Engine.forward
+    monkeypatch.setattr(loop.Engine, "forward", lambda self, batch: seen.append(self.autocast_dtype) or real_forward(self, batch))
+    loop.train(_tiny_cfg(token_dir, "max_steps=2"), tmp_path / "run", progress=False)
+    assert timed == [1] and set(seen) == {torch.bfloat16}
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["autocast"] == "bfloat16"
+    monkeypatch.setattr(precision, "time_steps", lambda *a, **k: pytest.fail("a resumed run keeps its precision"))
+    seen.clear()
+    loop.train(_tiny_cfg(token_dir, "max_steps=4"), tmp_path / "run", resume=True, progress=False)
+    assert set(seen) == {torch.bfloat16}
+
+
+def test_the_probe_leaves_the_run_as_it_would_have_been(token_dir, tmp_path, monkeypatch):
+    """Timing the first batch both ways changes nothing: the same weights as a run told its
+    precision (fp32 both)."""
+    from fourm import precision
+    from fourm.training import loop
+
+    monkeypatch.chdir(REPO)
+    loop.train(_tiny_cfg(token_dir, "max_steps=3"), tmp_path / "told", progress=False)  # FOURM_CPU_BF16=0 (conftest)
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    monkeypatch.setattr(precision, "WORKLOAD_PAYS", float("inf"))  # timed, and fp32 chosen whatever the figures
+    loop.train(_tiny_cfg(token_dir, "max_steps=3"), tmp_path / "timed", progress=False)
+    a, b = load_file(str(tmp_path / "told" / "final" / "model.safetensors")), load_file(str(tmp_path / "timed" / "final" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    import torch
+    import yaml
+
+    from fourm.models.build import build_model
+    from fourm.training.optimizers import MuonWithAdamW, OptimConfig, make_optimizer, muon_split
+
+    for preset in ("encdec_tiny", "decoder_tiny"):
+        spec = {**yaml.safe_load((REPO / "configs/models" / f"{preset}.yaml").read_text()), "vocab_size": 300, "modalities": ["rgb", "depth", "semseg", "boxes", "caption"], "qk_norm": "layernorm", "tie_embeddings": False}
+        model = build_model(spec)
+        muon, adamw = muon_split(model)
+        assert muon and all(n.endswith((".wqkv.weight", ".wo.weight", ".wq.weight", ".wkv.weight", ".gate.weight", ".up.weight", ".down.weight")) for n in muon), preset
+        shapes = dict(model.named_parameters())
+        assert all(shapes[n].dim() == 2 for n in muon)
+        for name in adamw:  # embeddings, head, pixel stem, norms (q/k norms are 2-D but no matrices)
+            assert name.split(".")[0] in ("embed", "lm_head", "pixel_embed", "modality_embeddings") or "norm" in name, name
+        assert any("norm" in n and shapes[n].dim() == 2 for n in adamw) and "embed.weight" in adamw
+        assert sorted(muon + adamw) == sorted(shapes)
+        assert len(muon_split(model, min_dim=300)[0]) < len(muon) and len(muon_split(model, min_dim=10**6)[0]) == 0  # only the big ones
+        opt = make_optimizer(model, OptimConfig(name="muon", muon_lr_scale=2.0), fused=False)
+        assert isinstance(opt, MuonWithAdamW) and isinstance(opt.optimizers[0], torch.optim.Muon)
+        assert sum(len(g["params"]) for g in opt.optimizers[0].param_groups) == len(muon)
+        assert opt.param_groups[0]["lr"] == pytest.approx(2e-3) and opt.param_groups[0]["lr_scale"] == 2.0
+    with pytest.raises(ValueError, match="adamw' or 'muon"):
+        OptimConfig(name="sgd")
+
+
+def test_muon_state_survives_a_checkpoint(tmp_path):
+    """Muon + AdamW's one state dict, through the checkpoint's files, steps on exactly as the original."""
+    import torch
+
+    from fourm.training.checkpoint import optimizer_from_files, optimizer_to_files
+    from fourm.training.optimizers import OptimConfig, make_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Embedding(10, 16), torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimConfig(name="muon", lr=1e-2)
+    opts = [make_optimizer(m, cfg, fused=False) for m in models]
+    x = torch.randint(0, 10, (4, 3))
+
+    def step(m, opt):
+        m(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step(models[0], opts[0])
+    optimizer_to_files(opts[0], tmp_path)
+    models[1].load_state_dict(models[0].state_dict())
+    optimizer_from_files(opts[1], tmp_path)
+    for _ in range(2):
+        for m, opt in zip(models, opts):
+            step(m, opt)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_muon_trains(token_dir, tmp_path):
+    out = tmp_path / "muon"
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "30", "--set", "optim.name=muon", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    m = _metrics(out)
+    assert m[-1]["loss"] < 0.8 * m[0]["loss"]

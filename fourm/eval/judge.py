@@ -10,6 +10,7 @@ regions' centres, front/behind by their lowest rows: nearer objects reach lower 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from fourm.data.synth.scene import CLASSES, COLORS, SHAPES
 from fourm.eval.captions import parse_caption
-from fourm.precision import autocast
+from fourm.precision import autocast_for, choose_autocast, training_step
 from fourm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,23 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
     model = Segmenter(config.width).to(memory_format=torch.channels_last)  # ~17% faster convolutions on CPU
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     loader, _ = build_loader(train_dir, LoaderConfig(modalities=("rgb", "semseg"), batch_size=config.batch_size, shuffle=500, num_workers=1, seed=config.seed, repeat=True))
+    batches = iter(loader)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"{train_dir}: no (rgb, semseg) samples to train the judge's segmenter on")
+
+    def loss_of(batch):
+        logits = model((batch["rgb"].float() / 255.0).contiguous(memory_format=torch.channels_last))
+        # objects cover a few percent of the pixels: weight the classes by 1/sqrt(frequency)
+        target = batch["semseg"].long()
+        freq = torch.bincount(target.flatten(), minlength=len(CLASSES)).float() + 1.0
+        return F.cross_entropy(logits.float(), target, weight=freq.rsqrt() / freq.rsqrt().mean())
+
+    # precision by timing this segmenter's own step both ways (one batch: its shapes never vary)
+    dtype = choose_autocast("cpu", not torch.cuda.is_available(), f"judge segmenter training step: width {config.width}, batch {config.batch_size}", training_step(model, lambda i: loss_of(first))).dtype
     start, step = time.perf_counter(), 0
     bar = tqdm(total=config.steps, desc="judge segmenter", disable=not progress)
-    for batch in loader:
+    for batch in itertools.chain([first], batches):
         elapsed = time.perf_counter() - start
         if step >= config.steps or elapsed > 60 * config.max_minutes:
             break
@@ -100,13 +115,8 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
         lr = warmup_cosine(step, max(step / config.steps, elapsed / (60 * config.max_minutes)), config.lr, 0, 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        with autocast("cpu", not torch.cuda.is_available()):
-            logits = model((batch["rgb"].float() / 255.0).contiguous(memory_format=torch.channels_last))
-        # objects cover a few percent of the pixels: weight the classes by 1/sqrt(frequency)
-        target = batch["semseg"].long()
-        freq = torch.bincount(target.flatten(), minlength=len(CLASSES)).float() + 1.0
-        weight = freq.rsqrt() / freq.rsqrt().mean()
-        loss = F.cross_entropy(logits.float(), target, weight=weight)
+        with autocast_for("cpu", dtype):
+            loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -6,6 +6,7 @@ Stops at ``max_steps`` or after ``max_minutes``, whichever comes first; validate
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -15,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fourm.data.loader import LoaderConfig, build_loader
-from fourm.precision import autocast
+from fourm.precision import autocast_for, choose_autocast, training_step
 from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from fourm.tokenizers.reconstruction import ReconstructionMeter
 from fourm.training.schedule import warmup_cosine
@@ -96,11 +97,17 @@ def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=N
     bar = tqdm(total=tcfg.max_steps, desc=f"train {modality} tokenizer", unit="step", disable=not progress)
     step = 0
     ema_loss = None
-    for batch in loader:
+    batches = iter(loader)
+    first = next(batches, None)
+    if first is not None:  # precision by timing this tokenizer's own step both ways (one batch: its shapes never vary)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        dtype = choose_autocast("cpu", tcfg.bf16, f"{modality} tokenizer training step: {params:.2f} M parameters, batch {tcfg.batch_size}", training_step(model, lambda i: model(first[modality]).loss)).dtype
+        batches = itertools.chain([first], batches)
+    for batch in batches:
         progress = max(step / tcfg.max_steps, (time.perf_counter() - start) / (tcfg.max_minutes * 60))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, tcfg)
-        with autocast("cpu", tcfg.bf16):
+        with autocast_for("cpu", dtype):
             out = model(batch[modality])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

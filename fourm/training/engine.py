@@ -6,7 +6,8 @@
   ``DS_ACCELERATOR=cpu`` (set here when no CUDA device is present) and uses gloo.
 
 Order, fixed: activation checkpointing -> torch.compile -> distribution wrapper. Precision: bf16
-autocast around the forward on CPU and CUDA (DeepSpeed's own bf16 section on CUDA).
+autocast around the forward on CPU and CUDA (DeepSpeed's own bf16 section on CUDA), where timing
+the real step both ways says it pays (``Engine.choose_precision``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from fourm.config import output_path
 from fourm.models.build import load_fitting
-from fourm.precision import autocast_dtype
+from fourm.precision import PrecisionChoice, autocast_dtype, autocast_for, choose_autocast
 from fourm.training.checkpoint import optimizer_from_files, optimizer_to_files
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,10 @@ class Engine:
         self.kind = kind
         self.rank, self.world, local = dist_env()
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        self.autocast_dtype = autocast_dtype(self.device.type, bf16)
+        self.bf16 = bf16
+        # DeepSpeed's partitioned parameters run only inside its engine: there the matmul probe
+        # decides; the other engines time the real step (``choose_precision``, which the loop calls)
+        self.autocast_dtype = autocast_dtype(self.device.type, bf16) if kind == "deepspeed" else None
         self.module = model.to(self.device)
         if activation_checkpointing:
             _apply_activation_checkpointing(self.module)
@@ -184,9 +189,22 @@ class Engine:
         return self.rank == 0
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast_for(self.device.type, self.autocast_dtype)
+
+    def choose_precision(self, workload: str, step: Callable[[torch.dtype | None], object]) -> PrecisionChoice | None:
+        """Set the autocast dtype by timing ``step(dtype)`` (a forward + backward of the real batch,
+        ``fourm.precision.choose_autocast``); under torch.distributed rank 0's choice holds on every
+        rank. None under DeepSpeed, whose choice was made at construction."""
+        if self.kind == "deepspeed":
+            return None
+        choice = choose_autocast(self.device.type, self.bf16, workload, step)
+        dtype = choice.dtype
+        if dist.is_initialized():  # ranks timing alike may still disagree by a hair: one choice for all
+            flag = torch.tensor([int(dtype is torch.bfloat16)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(flag, src=0)
+            dtype = torch.bfloat16 if int(flag) else None
+        self.autocast_dtype = dtype
+        return choice
 
     def forward(self, batch: dict):
         batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -194,8 +212,8 @@ class Engine:
             return self.runnable(**batch)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # ``lr_scale``: a group's own ratio (Muon's)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
         if self.ds is not None:

@@ -1,6 +1,6 @@
 """The training loop: one loop for every engine (single process, DDP, DeepSpeed ZeRO-2/3).
 
-Run length by steps or tokens; AdamW, warm-up + cosine; gradient accumulation and clipping;
+Run length by steps, tokens or minutes; AdamW or Muon + AdamW (``optimizers``), warm-up + cosine; gradient accumulation and clipping;
 loss per modality (4M's mean over modalities, or per token); tqdm and ``metrics.jsonl`` on rank 0;
 atomic checkpoints every N steps and at the end; ``resume`` continues from the newest checkpoint
 as if never stopped; the final weights go to ``OUT/final/`` as a ``from_pretrained`` directory.
@@ -16,6 +16,7 @@ and ``TrainingDiverged``; skipped and repaired samples are counted per reason in
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -45,22 +46,11 @@ from fourm.training import run_dir
 from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context, pixel_sizes
 from fourm.training.engine import Engine, end_distributed, init_distributed, load_deepspeed_config
 from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
+from fourm.training.optimizers import OptimConfig, make_optimizer
 from fourm.training.schedule import warmup_cosine
 from fourm.vocab import SharedVocab
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    grad_accum: int = 1
 
 
 @dataclass
@@ -87,6 +77,9 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)  # enabled: adapters on a frozen init_from
     manifest: str = ""  # token-shard manifest.json, when the data are only remote URLs
     max_bad_steps: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row; 0: never
+    # > 0 (with max_minutes): also write OUT/snapshots/min-M.MM/, a from_pretrained directory with its
+    # snapshot.json (step, tokens, minutes), each time this many training minutes pass: a curve's points
+    snapshot_every_minutes: float = 0.0
 
     def model_spec(self) -> dict:
         """The model config: the preset YAML with ``model`` on top."""
@@ -103,6 +96,12 @@ class TrainConfig:
             raise ValueError("max_steps must be >= 1")
         if self.max_bad_steps < 0:
             raise ValueError("max_bad_steps must be >= 0")
+        if self.snapshot_every_minutes < 0 or (self.snapshot_every_minutes and not self.max_minutes):
+            raise ValueError("snapshot_every_minutes must be >= 0, and > 0 only with a max_minutes budget")
+
+
+PROBE_BATCHES = 5  # the precision probe's warm-up batch and four timed ones (shapes vary by batch)
+AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "float32": None}  # as checkpoints record the run's precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,15 +157,26 @@ def model_loss(engine, batch: dict, labels: torch.Tensor, label_modality: torch.
     return reduce_token_losses(out.ce, mods, out.lse, mode, z_weight)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW over ``params``: weight decay on matrices and embeddings, none on norms and biases.
-    ``fused``: PyTorch's fused kernel (all parameters in one, CPU and CUDA; 288 against 309 ms an
-    encdec_tiny step of 8 on 2 CPU cores, the same weights within 2e-6 after 14 steps); off under
-    DeepSpeed, which steps its own flat partitions."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), **({"fused": True} if fused else {}))
+def _workload_name(cfg: TrainConfig, arch: str, trainable: list[torch.nn.Parameter], world: int) -> str:
+    """The key precision choices are cached under: what the step's cost depends on."""
+    return f"{arch} training step: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters, batch {cfg.data.batch_size}, {world} rank(s)"
+
+
+def _probe_step(engine: Engine, batches: list[dict], arch: str, mode: str, z_weight: float):
+    """``step(dtype, i)`` for ``Engine.choose_precision``: forward, loss and backward of the i-th of
+    ``batches`` (cycling) on the bare module (no optimizer step, no DDP hooks)."""
+    from types import SimpleNamespace
+
+    from fourm.precision import training_step
+
+    bare = SimpleNamespace(forward=lambda b: engine.module(**{k: (v.to(engine.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}))
+
+    def loss_of(i: int) -> torch.Tensor:
+        batch = batches[i % len(batches)]
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_modality")}
+        return model_loss(bare, inputs, batch["labels"], batch["label_modality"], arch, mode, z_weight)[0]
+
+    return training_step(engine.module, loss_of, engine.device.type)
 
 
 def token_manifest(cfg: TrainConfig) -> dict:
@@ -229,7 +239,9 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
     kept = cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else cfg.max_steps // cfg.ckpt_every + 1
     run_dir.check_free_space(out, run_dir.bytes_needed(out, run_dir.checkpoint_bytes(model), kept, 4 * sum(p.numel() for p in model.parameters())))
     kind = "deepspeed" if deepspeed_config else ("ddp" if world > 1 else "single")
-    optimizer = make_optimizer(trainable, cfg.optim, fused=kind != "deepspeed")
+    if cfg.optim.name == "muon" and kind == "deepspeed":
+        raise ValueError("optim.name=muon runs on one process or under DDP; DeepSpeed steps its own optimizer: use optim.name=adamw there")
+    optimizer = make_optimizer(model, cfg.optim, fused=kind != "deepspeed")
     ds_cfg = load_deepspeed_config(deepspeed_config, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip, run_dir=out) if deepspeed_config else None
     engine = Engine(model, optimizer, kind, bf16=cfg.bf16, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing, deepspeed_config=ds_cfg)
 
@@ -240,6 +252,7 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
     if engine.is_main:
         log.info("parameters per rank: %s MB", ", ".join(f"{b / 2**20:.1f}" for b in param_bytes))
     step, tokens, batches, bad_steps, bad_in_row = 0, 0, 0, 0, 0
+    resumed_autocast = None  # the precision a resumed run started with: kept, so it resumes as if never stopped
     if resume:
         if latest is not None:
             state = ckpt.read_state(latest)
@@ -247,6 +260,7 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
             ckpt.load_rng(latest, rank)
             step, tokens, batches = state["step"], state["tokens"], state["batches_per_rank"]
             bad_steps, bad_in_row = state.get("bad_steps", 0), state.get("bad_in_row", 0)
+            resumed_autocast = state.get("autocast")
             if engine.is_main:
                 log.info("resuming from %s (step %d)", latest, step)
         elif engine.is_main:
@@ -268,13 +282,22 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
             raise ValueError(f"the token shards' rgb pixels are {size}x{size} on a {grids['rgb']}x{grids['rgb']} token grid, patches of {size // grids['rgb']} pixels, but the model reads patches of {model.config.pixel_patch}: --set model.pixel_patch={size // grids['rgb']}")
     stream = TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=batches, pixels=pixels)
     data = iter(make_loader(stream))
+    z_weight = getattr(model.config, "z_loss", 0.0)
+    if resumed_autocast in AUTOCAST_NAMES and engine.kind != "deepspeed" and cfg.bf16:
+        engine.autocast_dtype = AUTOCAST_NAMES[resumed_autocast]
+        if engine.is_main:
+            log.info("precision: %s, as the run started (its checkpoint says so)", resumed_autocast)
+    else:  # precision by timing the first batches' steps both ways; they are trained on after
+        firsts = list(itertools.islice(data, PROBE_BATCHES))
+        if firsts:
+            engine.choose_precision(_workload_name(cfg, arch, trainable, world), _probe_step(engine, firsts, arch, cfg.loss_mode, z_weight))
+            data = itertools.chain(firsts, data)
     names = list(vocab.modalities)
     metrics_file = open(out / "metrics.jsonl", "a") if engine.is_main else None
     board = _tensorboard(out, step + 1) if engine.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {arch}", unit="step", disable=not (progress and engine.is_main))
     window_tokens, window_start = 0, time.perf_counter()
     last: dict = {}
-    z_weight = getattr(model.config, "z_loss", 0.0)
     start_time = time.perf_counter()
     start_step = step
 
@@ -290,6 +313,7 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
 
     tf = time_fraction()  # measured once per step (a collective under torch.distributed)
     faults = _injected_faults()
+    next_snapshot = cfg.snapshot_every_minutes
     counters = {"bad_steps": bad_steps, "bad_in_row": bad_in_row}
     try:
         while step < cfg.max_steps and not (cfg.max_tokens and tokens >= cfg.max_tokens) and tf < 1.0:
@@ -345,6 +369,9 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
                             board.add_scalar(key, value, step)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             counters = {"bad_steps": bad_steps, "bad_in_row": bad_in_row}  # saved with the checkpoint
+            if cfg.snapshot_every_minutes and tf * cfg.max_minutes >= next_snapshot and tf < 1.0:
+                _save_snapshot(engine, out, vocab, manifest, cfg, base_vocab, {"step": step, "tokens": tokens, "minutes": round(tf * cfg.max_minutes, 3)})
+                next_snapshot += cfg.snapshot_every_minutes
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or diverged:
                 _save_checkpoint(engine, out, step, tokens, batches, cfg, counters)
             if diverged:
@@ -411,7 +438,8 @@ def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches:
     ckpt.save_rng(tmp, engine.rank)
     engine.barrier()
     if engine.is_main:
-        ckpt.write_state(tmp, {"step": step, "tokens": tokens, "batches_per_rank": batches, "world": engine.world, "engine": engine.kind, **counters})
+        autocast = next(name for name, dtype in AUTOCAST_NAMES.items() if dtype is engine.autocast_dtype)
+        ckpt.write_state(tmp, {"step": step, "tokens": tokens, "batches_per_rank": batches, "world": engine.world, "engine": engine.kind, "autocast": autocast, **counters})
         ckpt.publish(tmp, final, cfg.keep_checkpoints)
     engine.barrier()
 
@@ -422,16 +450,28 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, cfg: TrainConfig, base_vocab: SharedVocab) -> None:
-    """``OUT/final``, written into ``OUT/.tmp-final`` and renamed when complete."""
+def _save_snapshot(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, cfg: TrainConfig, base_vocab: SharedVocab, record: dict) -> None:
+    """``OUT/snapshots/min-M.MM``: the weights as ``final`` holds them, and ``snapshot.json``."""
+    name = f"min-{record['minutes']:07.3f}"
+    _save_final(engine, out, vocab, manifest, cfg, base_vocab, target=Path("snapshots") / name)
+    if engine.is_main:
+        write_text_atomic(out / "snapshots" / name / "snapshot.json", json.dumps(record) + "\n")
+        log.info("snapshot %s: step %d", name, record["step"])
+
+
+def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, cfg: TrainConfig, base_vocab: SharedVocab, target: Path = Path("final")) -> None:
+    """``OUT/final`` (or ``OUT/target``), written into ``OUT/.tmp-final`` and renamed when complete."""
+    target = out / target
+    if engine.is_main:
+        target.parent.mkdir(parents=True, exist_ok=True)
     tmp = out / ".tmp-final"
     if engine.is_main and tmp.exists():  # left by a killed run
         shutil.rmtree(tmp)
     if cfg.lora.enabled:  # the adapter alone, in peft's format (the base stays where it is)
         if engine.is_main:
             save_adapter(engine.module, tmp, vocab, base_vocab.size, tokenizers=manifest.get("tokenizers"), base=cfg.init_from)
-            ckpt.replace_dir(tmp, out / "final")
-            log.info("adapter written to %s", out / "final")
+            ckpt.replace_dir(tmp, target)
+            log.info("adapter written to %s", target)
         engine.barrier()
         return
     state = engine.full_state_dict()
@@ -440,6 +480,6 @@ def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, c
         model.load_state_dict(state)
         save_pretrained(model, tmp, vocab=vocab)
         (tmp / "tokenizers.json").write_text(json.dumps({"tokenizers": manifest.get("tokenizers")}) + "\n")
-        ckpt.replace_dir(tmp, out / "final")
-        log.info("final model written to %s", out / "final")
+        ckpt.replace_dir(tmp, target)
+        log.info("model written to %s", target)
     engine.barrier()
