@@ -182,10 +182,12 @@ def _stream(tokens_dir: Path, train_config: str, overrides: list[str]):
     from fourm.config import load_config
     from fourm.training.data import DataSource, TokenStream, make_loader, manifest_context, pixel_sizes
     from fourm.training.loop import TrainConfig, token_manifest
+    from fourm.training.shard_check import check_shards_fit
 
     cfg = load_config(TrainConfig, train_config, overrides)
     cfg.data.sources = [DataSource(path=str(tokens_dir))]
     manifest = token_manifest(cfg)
+    check_shards_fit(manifest, str(tokens_dir), cfg.objective)
     vocab, grids, kinds = manifest_context(manifest)
     spec = cfg.model_spec()
     arch = spec["arch"]

@@ -48,6 +48,7 @@ from fourm.training.engine import Engine, end_distributed, init_distributed, loa
 from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.training.optimizers import OptimConfig, make_optimizer
 from fourm.training.schedule import warmup_cosine
+from fourm.training.shard_check import check_model_vocab, check_shards_fit
 from fourm.vocab import SharedVocab
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,10 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
 def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bool, progress: bool) -> dict:
     rank, world = init_distributed(deepspeed_config is not None)
     manifest = token_manifest(cfg)
+    shards = ", ".join(src.path for src in cfg.data.sources) or cfg.manifest
+    check_shards_fit(manifest, shards, cfg.objective)  # before anything is built or written
+    if cfg.init_from:
+        check_model_vocab(cfg.init_from, manifest_context(manifest)[0], shards)
     run_dir.check_writable(out)  # every rank, before the model is built: fails in seconds, not at the first checkpoint
     vocab, grids, kinds = manifest_context(manifest)
 
