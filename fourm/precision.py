@@ -160,15 +160,15 @@ def time_steps(step: Callable[[torch.dtype | None, int], object], rounds: int = 
 _CHOICES: dict[str, PrecisionChoice] = {}
 
 
-def choose_autocast(device_type: str, wanted: bool, workload: str, step: Callable[[torch.dtype | None, int], object] | None, rounds: int = 4, timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
+def choose_autocast(device_type: str, wanted: bool, workload: str, step: Callable[[torch.dtype | None, int], object], rounds: int = 4, timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
     """Whether ``workload`` runs under bf16 autocast here, decided by timing ``step(dtype, i)`` (one
     forward + backward of the real thing on its i-th batch, under ``autocast_for(device_type,
     dtype)``) both ways (``time_steps``).
 
     Not timed: when bf16 is not ``wanted``; on CUDA (bf16 where the GPU supports it); when
     ``FOURM_CPU_BF16`` forces it; on a CPU without native bfloat16 (hundreds of times slower,
-    warned once). Timed choices are cached per ``workload`` name for the process; ``step`` None
-    falls back to the matmul probe (``cpu_bf16_pays``). Every decision is logged."""
+    warned once). Timed choices are cached per ``workload`` name for the process. Every decision
+    is logged."""
     if not wanted:
         return PrecisionChoice(workload, None, "not wanted")
     if device_type == "cuda":
@@ -181,8 +181,6 @@ def choose_autocast(device_type: str, wanted: bool, workload: str, step: Callabl
     elif not cpu_has_native_bf16():
         _warn_once()
         choice = PrecisionChoice(workload, None, "no native bf16")
-    elif step is None:
-        choice = PrecisionChoice(workload, torch.bfloat16 if cpu_bf16_pays() else None, "matmul probe")
     elif workload in _CHOICES:
         return _CHOICES[workload]
     else:
