@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     from fourm.eval.condition_gap import condition_gap, read_token_samples
+    from fourm.modalities import MODALITIES
+    from fourm.training.shard_check import ShardMismatch, check_modality_held
     from fourm.models.grow import load_for_vocab
     from fourm.training.data import manifest_context
 
@@ -48,11 +50,16 @@ def main(argv=None) -> int:
     if model_vocab.size != vocab.size:  # a grown model's new rows are untrained: its gaps would mean nothing
         raise UsageError(f"--tokens {args.tokens} were made with another vocabulary ({vocab.size} ids) than the model's ({model_vocab.size})")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [m for m in [args.source, *targets] if m not in vocab.modalities]
-    if unknown:
-        raise UsageError(f"--source/--targets: unknown modality {', '.join(unknown)}; the tokens have {', '.join(vocab.modalities)}")
     if not targets or args.source in targets:
         raise UsageError(f"--targets: name at least one modality other than the source {args.source}")
+    unknown = [m for m in [args.source, *targets] if m not in MODALITIES]
+    if unknown:
+        raise UsageError(f"--source/--targets: fourm does not know modality {', '.join(repr(m) for m in unknown)}; known: {', '.join(MODALITIES)}")
+    try:
+        for flag, modality in [("--source", args.source), *(("--targets", t) for t in targets)]:
+            check_modality_held(manifest, args.tokens, modality, f"{flag} asks for {modality!r}")
+    except ShardMismatch as exn:
+        raise UsageError(str(exn)) from None
     samples = read_token_samples(args.tokens, vocab, kinds, grids, args.scenes)
     report = {"model": args.model, "tokens": args.tokens, "source": args.source, "shift": args.shift, "targets": {}}
     for target in targets:

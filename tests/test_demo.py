@@ -73,7 +73,7 @@ def test_demo_budget_scales_stages_both_ways():
     assert short.train.minutes == base.train.minutes / 2 and short.data.train_scenes == base.data.train_scenes // 2
     assert short.train.max_steps == base.train.max_steps  # a cap, not a target: unchanged below 30 minutes
     long = scale_to_budget(DemoConfig(), 90)
-    assert long.train.minutes == 3 * base.train.minutes and long.tokenizers.minutes == 3 * base.tokenizers.minutes
+    assert long.train.minutes == 3 * base.train.minutes and long.tokenizers.minutes == {k: 3 * m for k, m in base.tokenizers.minutes.items()}
     assert long.eval.judge_minutes == 3 * base.eval.judge_minutes and long.data.train_scenes == 3 * base.data.train_scenes
     assert (long.train.max_steps, long.tokenizers.max_steps, long.eval.judge_steps) == (3 * base.train.max_steps, 3 * base.tokenizers.max_steps, 3 * base.eval.judge_steps)
     assert long.data.val_scenes == base.data.val_scenes

@@ -57,3 +57,33 @@ def test_the_demo_shards_serve_the_demo_recipe_and_needed_modalities():
     assert needed_modalities(cfg.objective) == {"rgb": ["rgb-to-count"], "count": ["rgb-to-count"]}
     demo = load_config(TrainConfig, "configs/train/tiny_encdec.yaml", [])
     assert set(needed_modalities(demo.objective)) <= {"rgb", "caption"}  # rgb-to-all and caption-to-all inputs
+
+
+def test_the_issues_lora_count_run_on_a_model_is_one_line(token_dir, tmp_path, tiny_model_dir):
+    # issue 36's own command: LoRA for rgb -> count on shards without count, from a trained model
+    out = tmp_path / "lora"
+    proc = run_program("launch/train.py", "--config", "configs/train/lora_count.yaml", "--set", f"init_from={tiny_model_dir}", "--data", str(token_dir), "--out", str(out), "--max-steps", "20", "--quiet")
+    assert_usage_error(proc, "'count'", "rgb-to-count", str(token_dir), "add_modalities.py --src RAW", "--add count", "pretokenize.py")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--targets", "count"], ["--targets asks for 'count'", "add_modalities.py", "--add count"]),  # not in the shards' vocabulary
+    (["--source", "normals", "--targets", "depth"], ["--source asks for 'normals'", "--add normals"]),
+    (["--targets", "dpeth"], ["does not know", "'dpeth'"]),
+    (["--targets", "caption", "--zero", "caption"], ["hold no 'caption'", "they hold"]),  # in the vocabulary, no samples
+])
+def test_condition_gap_names_what_the_shards_lack(token_dir, tmp_path, tiny_model_dir, args, needles):
+    tokens = token_dir
+    if "--zero" in args:  # shards whose manifest counts no samples of a modality
+        i = args.index("--zero")
+        tokens = tmp_path / "tokens"
+        shutil.copytree(token_dir, tokens)
+        manifest = json.loads((tokens / "manifest.json").read_text())
+        counts = manifest.get("modality_counts") or {m: manifest["num_samples"] for m in manifest["modalities"]}
+        (tokens / "manifest.json").write_text(json.dumps({**manifest, "modality_counts": {**counts, args[i + 1]: 0}}))
+        args = args[:i] + args[i + 2:]
+    out = tmp_path / "gap.json"
+    proc = run_program("eval/condition_gap.py", "--model", str(tiny_model_dir), "--tokens", str(tokens), "--json", str(out), "--scenes", "4", *args)
+    assert_usage_error(proc, *needles)
+    assert not out.exists()

@@ -101,7 +101,7 @@ class TrainConfig:
             raise ValueError("snapshot_every_minutes must be >= 0, and > 0 only with a max_minutes budget")
 
 
-PROBE_BATCHES = 5  # the precision probe's warm-up batch and four timed ones (shapes vary by batch)
+PROBE_BATCHES = 9  # the precision probe's warm-up batch and eight timed ones (shapes vary by batch)
 AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "float32": None}  # as checkpoints record the run's precision
 
 

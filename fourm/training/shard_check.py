@@ -43,19 +43,24 @@ def check_shards_fit(manifest: dict, shards: str, objective, settings_key: str =
     with samples)."""
     if not manifest.get("num_samples"):
         raise ShardMismatch(f"the token shards at {shards} hold no samples (their manifest counts {manifest.get('num_samples', 0)}): pretokenize raw shards that hold some (python data_pipelines/pretokenize.py)")
-    vocab_modalities = set(manifest.get("vocab", {}).get("modalities", {}))
-    counts = manifest.get("modality_counts") or {m: manifest["num_samples"] for m in manifest.get("modalities", [])}
-    held = sorted(m for m, c in counts.items() if c)
     for i, setting in enumerate(objective.masking.settings):
         for modality in list(setting.input_alphas) + list(setting.target_alphas):
             if modality not in MODALITIES:
                 raise ShardMismatch(f"{settings_key}[{i}] ({setting.name!r}) names modality {modality!r}, which fourm does not know; known: {', '.join(MODALITIES)}")
     for modality, names in needed_modalities(objective).items():
-        asked = f"mixture setting {', '.join(repr(n) for n in names)} asks for {modality!r}"
-        if modality not in vocab_modalities:
-            raise ShardMismatch(f"{asked}, but the token shards at {shards} were made with a vocabulary without it ({', '.join(sorted(vocab_modalities))}): {how_to_add(modality, shards)}")
-        if not counts.get(modality):
-            raise ShardMismatch(f"{asked}, but the token shards at {shards} hold no {modality!r} (they hold {', '.join(held)}): {how_to_add(modality, shards)}")
+        check_modality_held(manifest, shards, modality, f"mixture setting {', '.join(repr(n) for n in names)} asks for {modality!r}")
+
+
+def check_modality_held(manifest: dict, shards: str, modality: str, asked: str) -> None:
+    """ShardMismatch unless the token shards described by ``manifest`` (at ``shards``) hold samples
+    of ``modality``; ``asked`` says who wants it (the start of the message)."""
+    vocab_modalities = set(manifest.get("vocab", {}).get("modalities", {}))
+    counts = manifest.get("modality_counts") or {m: manifest.get("num_samples", 0) for m in manifest.get("modalities", [])}
+    if modality not in vocab_modalities:
+        raise ShardMismatch(f"{asked}, but the token shards at {shards} were made with a vocabulary without it ({', '.join(sorted(vocab_modalities))}): {how_to_add(modality, shards)}")
+    if not counts.get(modality):
+        held = sorted(m for m, c in counts.items() if c)
+        raise ShardMismatch(f"{asked}, but the token shards at {shards} hold no {modality!r} (they hold {', '.join(held)}): {how_to_add(modality, shards)}")
 
 
 def check_model_vocab(model_dir: str, shards_vocab, shards: str) -> None:
