@@ -95,7 +95,7 @@ def _greedy_decoder_reference(model, tok, prefix_ids: torch.Tensor, prefix_pos: 
 
 
 def test_kv_cache_generation_equals_recomputation(tok, batch):
-    from fourm.models.sequence import pack_sequence
+    from fourm.sequence import pack_sequence
 
     model = _model(tok, "decoder")
     with torch.no_grad():

@@ -487,7 +487,7 @@ def test_encdec_cached_decoding_equals_full():
 
 
 def test_pack_sequence_layout():
-    from fourm.models.sequence import pack_sequence
+    from fourm.sequence import pack_sequence
 
     caption = VOCAB.to_global("text", torch.tensor([5, 6, 7]))
     rgb = VOCAB.to_global("rgb", torch.arange(4))

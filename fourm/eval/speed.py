@@ -13,7 +13,7 @@ import torch
 from fourm.generation.api import GenerationConfig, generate_ids
 from fourm.models import layers
 from fourm.models.build import build_model
-from fourm.models.sequence import pack_sequence
+from fourm.sequence import pack_sequence
 from fourm.precision import autocast
 from fourm.vocab import SharedVocab
 

@@ -28,7 +28,7 @@ from fourm.generation.sampling import guided, sample, temperature_at, unmask_cou
 from fourm.data.pretokenize import PIXEL_MODALITIES
 from fourm.modalities import MODALITIES
 from fourm.objectives.builders import image_patches
-from fourm.models.sequence import pack_sequence
+from fourm.sequence import pack_sequence
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 from fourm.vocab import SharedVocab
 

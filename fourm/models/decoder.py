@@ -19,8 +19,7 @@ from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modal
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
-
-IGNORE_INDEX = -100
+from fourm.sequence import IGNORE_INDEX
 
 
 @dataclass

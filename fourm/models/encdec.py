@@ -25,12 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.decoder import IGNORE_INDEX, _init_weights
+from fourm.models.decoder import _init_weights
 from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
 from fourm.models.pixel_stem import ConvPixelStem, scaled_pixels
 from fourm.models.pretrained import Pretrained
+from fourm.sequence import IGNORE_INDEX
 
 
 @dataclass

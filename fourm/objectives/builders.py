@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fourm.models.decoder import IGNORE_INDEX
-from fourm.models.sequence import pack_sequence
 from fourm.objectives.masking import ModalityPlan
+from fourm.sequence import IGNORE_INDEX, grid_positions, line_positions, pack_sequence
 from fourm.vocab import SharedVocab
 
 
@@ -50,15 +49,6 @@ def image_patches(image: np.ndarray, grid: int) -> np.ndarray:
     return image.reshape(c, grid, p, grid, p).transpose(1, 3, 0, 2, 4).reshape(grid * grid, c * p * p)
 
 
-def _grid_positions(idx: np.ndarray, grid: int) -> np.ndarray:
-    return np.stack([idx // grid, idx % grid], -1)
-
-
-def _line_positions(n: int) -> np.ndarray:
-    p = np.arange(n)
-    return np.stack([p, p], -1)
-
-
 def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], vocab: SharedVocab, grids: dict[str, int], drop_condition: bool = False, pixels: dict[str, np.ndarray] | None = None) -> EncDecExample:
     """Apply a masking plan (``plan_masking``) to one sample's tokens.
 
@@ -82,25 +72,25 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
                     pix.append((sum(len(a) for a in enc["ids"]), patches[m][plan.input_idx]))
                 enc["ids"].append(tokens[m][plan.input_idx])
                 enc["mod"].append(np.full(len(plan.input_idx), mi))
-                enc["pos"].append(_grid_positions(plan.input_idx, g))
+                enc["pos"].append(grid_positions(plan.input_idx, g))
             if len(plan.target_idx):
                 n = len(plan.target_idx)
                 dec["ids"].append(np.full(n, vocab.mask_id))
                 dec["mod"].append(np.full(n, mi))
-                dec["pos"].append(_grid_positions(plan.target_idx, g))
+                dec["pos"].append(grid_positions(plan.target_idx, g))
                 dec["causal"].append(np.zeros(n, bool))
                 dec["labels"].append(tokens[m][plan.target_idx])
             continue
         if plan.input_ids is not None and len(plan.input_ids) and not drop_condition:
             enc["ids"].append(plan.input_ids)
             enc["mod"].append(np.full(len(plan.input_ids), mi))
-            enc["pos"].append(_line_positions(len(plan.input_ids)))
+            enc["pos"].append(line_positions(len(plan.input_ids)))
         if plan.target_ids is not None and len(plan.target_ids):
             t = plan.target_ids
             n = len(t) + 1
             dec["ids"].append(np.concatenate([[vocab.bos_id], t]))
             dec["mod"].append(np.full(n, mi))
-            dec["pos"].append(_line_positions(n))
+            dec["pos"].append(line_positions(n))
             dec["causal"].append(np.ones(n, bool))
             dec["labels"].append(np.concatenate([t, [vocab.eos_id]]))
     if not enc["ids"]:  # nothing visible (or dropped): one [BOS] as the null condition

@@ -39,8 +39,8 @@ from fourm.config import to_dict
 from fourm.data.shards import write_text_atomic
 from fourm.models.build import build_model, save_pretrained
 from fourm.models.grow import load_for_vocab
-from fourm.models.decoder import IGNORE_INDEX
 from fourm.objectives.mixture import ObjectiveConfig
+from fourm.sequence import IGNORE_INDEX
 from fourm.training import checkpoint as ckpt
 from fourm.training import run_dir
 from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context, pixel_sizes

@@ -1,17 +1,34 @@
-"""Laying modalities out as one decoder-only sequence: ``[BOS] <m1> ids </m1> <m2> ids </m2> ...``.
+"""The sequence layout both the objectives and the models read: the ignored label, the (row, col)
+positions of tokens, and modalities laid out as one decoder-only sequence
+``[BOS] <m1> ids </m1> <m2> ids </m2> ...``.
 
 Positions: a 1D token at sequence step p has (row, col) = (p, p), i.e. ordinary RoPE. An image of
 g x g tokens starting at step p0 puts token (r, c) at (p0 + r, p0 + c), and the sequence resumes
-at p0 + g after it: the image spans g steps along both axes.
+at p0 + g after it: the image spans g steps along both axes. The encoder-decoder's tokens keep
+their own grid position (``grid_positions``) or step (``line_positions``), from 0 per modality.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fourm.vocab import SharedVocab
+
+IGNORE_INDEX = -100  # a label that no loss counts (PyTorch's cross-entropy default)
+
+
+def grid_positions(idx: np.ndarray, grid: int) -> np.ndarray:
+    """(N,) row-major indices into a ``grid`` x ``grid`` token grid -> (N, 2) (row, col)."""
+    return np.stack([idx // grid, idx % grid], -1)
+
+
+def line_positions(n: int) -> np.ndarray:
+    """(n, 2) positions (p, p) of a 1D sequence of ``n`` tokens."""
+    p = np.arange(n)
+    return np.stack([p, p], -1)
 
 
 @dataclass
