@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from fourm.data.synth.scene import CLASSES, COLORS, SHAPES
 from fourm.eval.captions import parse_caption
 from fourm.precision import autocast_for, choose_autocast, training_step
-from fourm.training.schedule import warmup_cosine
+from fourm.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 

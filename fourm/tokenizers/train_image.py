@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from fourm.data.loader import LoaderConfig, build_loader
 from fourm.precision import autocast_for, choose_autocast, training_step
+from fourm.schedule import warmup_cosine
 from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from fourm.tokenizers.reconstruction import ReconstructionMeter
-from fourm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 

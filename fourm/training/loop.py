@@ -40,6 +40,7 @@ from fourm.data.shards import write_text_atomic
 from fourm.models.build import build_model, save_pretrained
 from fourm.models.grow import load_for_vocab
 from fourm.objectives.mixture import ObjectiveConfig
+from fourm.schedule import warmup_cosine
 from fourm.sequence import IGNORE_INDEX
 from fourm.training import checkpoint as ckpt
 from fourm.training import run_dir
@@ -47,7 +48,6 @@ from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest
 from fourm.training.engine import Engine, end_distributed, init_distributed, load_deepspeed_config
 from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.training.optimizers import OptimConfig, make_optimizer
-from fourm.training.schedule import warmup_cosine
 from fourm.training.shard_check import check_model_vocab, check_shards_fit
 from fourm.vocab import SharedVocab
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedule shared by every training loop."""
+"""The learning-rate schedule every training loop shares (the model's, the tokenizers', the judge's)."""
 
 from __future__ import annotations
 
