@@ -281,7 +281,7 @@ def test_a_checkpoint_that_does_not_fit_is_told_by_its_tensors_not_by_error_text
     resume reports for a checkpoint of another model), and nothing when the tensors fit."""
     import torch
 
-    from fourm.models.build import first_difference
+    from fourm.weights import first_difference
 
     model = {"a.weight": torch.zeros(4, 2), "b.weight": torch.zeros(3)}
     assert first_difference(model, {k: v.clone() for k, v in model.items()}) is None

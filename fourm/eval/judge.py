@@ -140,7 +140,7 @@ def load_segmenter(path: str | Path) -> Segmenter:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from fourm.models.build import load_fitting
+    from fourm.weights import load_fitting
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}

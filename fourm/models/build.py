@@ -22,6 +22,7 @@ from fourm.config import load_config
 from fourm.models.decoder import DecoderConfig, DecoderLM
 from fourm.models.encdec import EncDecConfig, EncoderDecoder
 from fourm.vocab import VOCAB_FILE, SharedVocab
+from fourm.weights import load_fitting
 
 log = logging.getLogger(__name__)
 
@@ -104,30 +105,6 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> torch
         state["modality_embeddings.weight"] = state.pop("modality_embed.weight")
     load_fitting(model, state, f"{directory / WEIGHTS_FILE} does not fit its config", optional=("lm_head.weight",) if config.tie_embeddings else ())
     return model.eval()
-
-
-def first_difference(model: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> str | None:
-    """The first way ``checkpoint``'s tensors do not fit ``model``'s state dict (a key missing or
-    unexpected, or a shape), in words; None when they fit. Keys in ``optional`` may be missing
-    (a tied LM head is saved once, as the embedding)."""
-    for key in model:
-        if key not in checkpoint:
-            if key in optional:
-                continue
-            return f"missing {key}"
-        if tuple(checkpoint[key].shape) != tuple(model[key].shape):
-            return f"{key}: shape {tuple(checkpoint[key].shape)} in the checkpoint, {tuple(model[key].shape)} in the model"
-    extra = [key for key in checkpoint if key not in model]
-    return f"unexpected {extra[0]}" if extra else None
-
-
-def load_fitting(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = (), hint: str = "") -> None:
-    """Load ``state`` into ``module`` once it fits (``first_difference``); otherwise ValueError
-    ``"{what} ({the first difference})[: {hint}]"``, with nothing loaded."""
-    difference = first_difference(module.state_dict(), state, optional)
-    if difference:
-        raise ValueError(f"{what} ({difference})" + (f": {hint}" if hint else ""))
-    module.load_state_dict(state, strict=not optional)
 
 
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

@@ -31,6 +31,7 @@ from fourm.tokenizers.image import IMAGE_TOKENIZER_MODALITIES, ImageTokenizer, I
 from fourm.tokenizers.text import TextTokenizer
 from fourm.modalities import MODALITIES
 from fourm.vocab import VOCAB_FILE, SharedVocab, modality_spaces
+from fourm.weights import load_fitting
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +245,6 @@ def load_image_tokenizer(directory: Path) -> ImageTokenizer:
     config = load_config(ImageTokenizerConfig, json.loads((directory / CONFIG).read_text()))
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"missing weights {directory / WEIGHTS}")
-    from fourm.models.build import load_fitting
-
     tok = ImageTokenizer(config)
     load_fitting(tok, load_file(str(directory / WEIGHTS)), f"{directory / WEIGHTS} does not fit its config")
     tok.eval()

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from fourm.config import output_path
-from fourm.models.build import load_fitting
 from fourm.precision import PrecisionChoice, autocast_dtype, autocast_for, choose_autocast
 from fourm.training.checkpoint import optimizer_from_files, optimizer_to_files
+from fourm.weights import load_fitting
 
 log = logging.getLogger(__name__)
 
