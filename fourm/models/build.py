@@ -3,32 +3,25 @@
 ``build_model(config)`` takes a dataclass, a dict or a YAML path (a preset in ``configs/models/``);
 ``arch: decoder`` or ``arch: encdec`` picks the architecture. ``save_pretrained(model, dir)`` writes
 ``model.safetensors`` + ``config.json`` (+ ``vocab.json`` when given); ``load_model(dir)`` returns
-whichever architecture the directory holds. Never pickle.
+whichever architecture the directory holds (the files: ``pretrained.py``). Never pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from fourm.config import load_config
 from fourm.models.decoder import DecoderConfig, DecoderLM
 from fourm.models.encdec import EncDecConfig, EncoderDecoder
-from fourm.vocab import VOCAB_FILE, SharedVocab
-from fourm.weights import load_fitting
-
-log = logging.getLogger(__name__)
+from fourm.models.pretrained import load_weights, read_config, save_pretrained  # noqa: F401 (save_pretrained is part of this module's API)
+from fourm.vocab import SharedVocab
 
 ARCHS = {"decoder": (DecoderConfig, DecoderLM), "encdec": (EncDecConfig, EncoderDecoder)}
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def config_from_vocab(vocab: SharedVocab) -> dict:
@@ -75,36 +68,11 @@ def build_model(source, vocab: SharedVocab | None = None, overrides: list[str] |
     return ARCHS[config.arch][1](config)
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, vocab: SharedVocab | None = None) -> None:
-    """``model.safetensors`` + ``config.json`` (+ ``vocab.json``)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "arch": model.config.arch})
-    (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.config), indent=1) + "\n")
-    if vocab is not None:
-        vocab.save(directory / VOCAB_FILE)
-
-
 def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> torch.nn.Module:
     """Whichever architecture ``directory`` holds, with its weights, in eval mode."""
     directory = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"no model at {directory}: missing {directory / name}")
-    saved = json.loads((directory / CONFIG_FILE).read_text())
-    if saved.get("arch") == "encdec" and "cross_rope" not in saved:  # saved before it existed
-        saved["cross_rope"] = False
-        log.warning("%s was saved before encoder-decoders had RoPE in cross-attention: its image targets are position-blind (one prediction for every position); retrain it", directory)
-    config = make_config(saved)
-    model = ARCHS[config.arch][1](config)
-    state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
-    if "modality_embed.weight" in state:  # the name before models could grow (see grow.py)
-        state["modality_embeddings.weight"] = state.pop("modality_embed.weight")
-    load_fitting(model, state, f"{directory / WEIGHTS_FILE} does not fit its config", optional=("lm_head.weight",) if config.tie_embeddings else ())
-    return model.eval()
+    config = make_config(read_config(directory))
+    return load_weights(ARCHS[config.arch][1](config), directory, map_location)
 
 
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

@@ -45,6 +45,8 @@ class DecoderConfig(TransformerConfig):
 class DecoderLM(nn.Module, Pretrained):
     """Token embedding -> blocks -> RMSNorm -> LM head."""
 
+    config_class = DecoderConfig
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         if config.vocab_size < 1:

@@ -71,6 +71,8 @@ class EncDecConfig(TransformerConfig):
 class EncoderDecoder(nn.Module, Pretrained):
     """Any subset of modalities in, any subset out (see the module docstring)."""
 
+    config_class = EncDecConfig
+
     def __init__(self, config: EncDecConfig):
         super().__init__()
         if config.vocab_size < 1 or not config.modalities:
