@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     setup_logging()
     import torch
 
-    from fourm.eval import speed
+    from fourm.bench import speed
 
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
     r = args.repeats

@@ -66,7 +66,7 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 def token_dir(tmp_path_factory, synth_dir) -> Path:
     """Token shards of ``synth_dir`` (4 shards of 10) made with a small, untrained tokenizer set."""
     from fourm.data.pretokenize import pretokenize
-    from fourm.eval.speed import untrained_tokenizer_set
+    from fourm.bench.speed import untrained_tokenizer_set
 
     root = tmp_path_factory.mktemp("tokens")
     untrained_tokenizer_set(synth_dir).save_pretrained(root / "tok")

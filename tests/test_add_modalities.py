@@ -40,7 +40,7 @@ def plus_dir(tmp_path_factory, synth_dir):
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory, synth_dir, plus_dir):
     """(base set, the same grown with a tiny normals tokenizer and count)."""
-    from fourm.eval.speed import untrained_tokenizer_set
+    from fourm.bench.speed import untrained_tokenizer_set
 
     root = tmp_path_factory.mktemp("sets")
     untrained_tokenizer_set(synth_dir).save_pretrained(root / "base")

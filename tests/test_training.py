@@ -183,7 +183,7 @@ def test_fast_loss_equals_full_logits(token_dir, arch, mode, z, softmax):
 
     import torch
 
-    from fourm.eval import speed
+    from fourm.bench import speed
     from fourm.models.build import build_model
     from fourm.training.loop import compute_loss, model_loss
 

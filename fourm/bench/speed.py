@@ -13,8 +13,8 @@ import torch
 from fourm.generation.api import GenerationConfig, generate_ids
 from fourm.models import layers
 from fourm.models.build import build_model
-from fourm.sequence import pack_sequence
 from fourm.precision import autocast
+from fourm.sequence import pack_sequence
 from fourm.vocab import SharedVocab
 
 REPO = Path(__file__).resolve().parents[2]
