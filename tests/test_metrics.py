@@ -1,4 +1,4 @@
-"""fourm.eval.metrics: known values and a slow SSIM reference."""
+"""fourm.metrics: known values and a slow SSIM reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fourm.eval.metrics import (
+from fourm.metrics import (
     box_iou,
     codebook_stats,
     depth_metrics,

@@ -13,7 +13,7 @@ from fourm.data.codecs import CorruptMember, decode_member
 from fourm.data.normals import decode_normals, encode_normals_png, normals_from_depth, normals_to_uint8
 from fourm.data.synth.render import render_scene
 from fourm.data.synth.scene import sample_scene
-from fourm.eval.metrics import normal_angle_metrics
+from fourm.metrics import normal_angle_metrics
 from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 
 

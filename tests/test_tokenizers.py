@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fourm.data.loader import LoaderConfig, build_loader
-from fourm.eval.metrics import matched_box_iou
+from fourm.metrics import matched_box_iou
 from fourm.tokenizers.boxes import BoxTokenizer, BoxTokenizerConfig, order_boxes
 from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from fourm.tokenizers.quantizers import FSQ, VectorQuantizer

@@ -1,1 +1,3 @@
-"""Evaluation metrics for images, depth, segmentation, boxes and tokenizer codebooks."""
+"""Quality evaluation: the evaluation suite, COCO box mAP, the caption -> rgb judge, caption
+parsing, the condition gap and side-by-side arms. The pure metrics they use are ``fourm.metrics``;
+speed benchmarks are ``fourm.bench``."""

@@ -35,7 +35,7 @@ from fourm.data.synth.scene import SHAPES
 from fourm.eval.captions import object_counts, object_match, precision_recall_f1, scene_object_counts
 from fourm.eval.detection import coco_map
 from fourm.eval.judge import JudgeConfig, Segmenter, judge_images, summarize
-from fourm.eval.metrics import depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion
+from fourm.metrics import depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion
 from fourm.modalities import MODALITIES
 
 log = logging.getLogger(__name__)

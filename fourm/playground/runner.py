@@ -17,8 +17,8 @@ from PIL import Image
 from fourm.data.normals import normals_to_uint8
 from fourm.data.synth.scene import CLASSES
 from fourm.eval.captions import object_counts, object_match, precision_recall_f1, scene_object_counts
-from fourm.eval.metrics import depth_metrics, matched_box_iou, miou_from_confusion, segmentation_confusion
 from fourm.generation.api import generate
+from fourm.metrics import depth_metrics, matched_box_iou, miou_from_confusion, segmentation_confusion
 from fourm.playground.requests import PlaygroundRequest
 from fourm.viz import colorize_depth, colorize_semseg, draw_boxes, overlay, palette, upscale
 

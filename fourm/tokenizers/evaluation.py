@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fourm.data.loader import LoaderConfig, build_loader, image_size_of
-from fourm.eval.metrics import matched_box_iou
+from fourm.metrics import matched_box_iou
 from fourm.tokenizers.reconstruction import ReconstructionMeter
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fourm.data.normals import decode_normals
-from fourm.eval.metrics import codebook_stats, depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion, ssim
+from fourm.metrics import codebook_stats, depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion, ssim
 
 
 class ReconstructionMeter:

@@ -1,4 +1,5 @@
-"""Pure-torch evaluation metrics.
+"""Pure-torch evaluation metrics, below everything that scores (tokenizer training and
+evaluation, ``fourm.eval``'s suite, the playground): functions of tensors, no model, no data.
 
 Used to score tokenizer reconstructions and model predictions: PSNR and SSIM for images, the
 standard monocular-depth metrics, angular errors of surface normals, confusion-matrix mIoU for semantic segmentation, box IoU with
