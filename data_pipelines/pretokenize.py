@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 
 from fourm.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
-from fourm.data.pretokenize import pretokenize
 from fourm.data.shards import require_shards
+from fourm.tokenizers.pretokenize import pretokenize
 from fourm.vocab import VOCAB_FILE
 
 

@@ -312,7 +312,7 @@ def stage_tokenizers(config: DemoConfig, out: Path) -> dict:
 
 
 def stage_pretokenize(config: DemoConfig, out: Path) -> dict:
-    from fourm.data.pretokenize import pretokenize
+    from fourm.tokenizers.pretokenize import pretokenize
 
     report = {}
     for split in ("train", "val"):

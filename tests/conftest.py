@@ -65,8 +65,8 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 @pytest.fixture(scope="session")
 def token_dir(tmp_path_factory, synth_dir) -> Path:
     """Token shards of ``synth_dir`` (4 shards of 10) made with a small, untrained tokenizer set."""
-    from fourm.data.pretokenize import pretokenize
     from fourm.bench.speed import untrained_tokenizer_set
+    from fourm.tokenizers.pretokenize import pretokenize
 
     root = tmp_path_factory.mktemp("tokens")
     untrained_tokenizer_set(synth_dir).save_pretrained(root / "tok")

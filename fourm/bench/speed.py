@@ -167,8 +167,8 @@ def untrained_tokenizer_set(raw_dir: Path):
 
 def untrained_token_shards(root: Path, scenes: int = 256) -> Path:
     """Render ``scenes`` scenes and pretokenize them with ``untrained_tokenizer_set``."""
-    from fourm.data.pretokenize import pretokenize
     from fourm.data.synth.generate import generate_dataset
+    from fourm.tokenizers.pretokenize import pretokenize
 
     root = Path(root)
     generate_dataset(root / "raw", scenes, res=64, seed=3, shard_size=max(1, scenes // 4), workers=1, progress=False)

@@ -25,10 +25,10 @@ import torch
 
 from fourm.generation.compiled import compiled_decode_step, decode_step
 from fourm.generation.sampling import guided, sample, temperature_at, unmask_counts
-from fourm.data.pretokenize import PIXEL_MODALITIES
 from fourm.modalities import MODALITIES
 from fourm.objectives.builders import image_patches
 from fourm.sequence import pack_sequence
+from fourm.tokenizers.pretokenize import PIXEL_MODALITIES
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 from fourm.vocab import SharedVocab
 

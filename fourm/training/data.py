@@ -36,10 +36,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fourm.data.codecs import CorruptMember, decode_npy
 from fourm.data.loader import SkipCounter, SkippedSample, flag_truncated_shards
-from fourm.data.pretokenize import PIXEL_MODALITIES, PIXELS_SUFFIX, TOKENS_SUFFIX
 from fourm.data.shards import expand_shards
 from fourm.objectives.builders import collate_decoder, collate_encdec
 from fourm.objectives.mixture import ObjectiveConfig, make_example
+from fourm.tokenizers.pretokenize import PIXEL_MODALITIES, PIXELS_SUFFIX, TOKENS_SUFFIX
 from fourm.vocab import SharedVocab
 
 log = logging.getLogger(__name__)
