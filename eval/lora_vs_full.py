@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     from fourm.eval.suite import EvalConfig, evaluate
     from fourm.generation.files import open_model
     from fourm.models.build import load_model
+    from fourm.models.lora import load_adapters
     from fourm.tokenizers.tokenizer_set import TokenizerSet
-    from fourm.training.lora import load_adapters
 
     try:
         EvalConfig(directions=(args.direction,))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fourm.cli import ArgumentParser, UsageError, run, setup_logging
 from fourm.models.build import save_pretrained
-from fourm.training.lora import load_adapters
+from fourm.models.lora import load_adapters
 
 log = logging.getLogger("merge_lora")
 

@@ -211,7 +211,7 @@ def test_lora_on_a_new_modality_grows_the_base_and_learns(sets, plus_dir, grown_
     """A base trained on the old vocabulary, LoRA on rgb -> normals (new ids): the base is grown,
     the loss falls, and generate.py --adapter writes normals.png from an rgb image."""
     from fourm.models.build import build_model, save_pretrained
-    from fourm.training.lora import load_adapters
+    from fourm.models.lora import load_adapters
 
     base_dir, grown_dir = sets
     old_vocab = TokenizerSet.from_pretrained(base_dir).vocab

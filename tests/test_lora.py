@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO, assert_usage_error, run_program
 from fourm.models.build import build_model, load_model, save_pretrained
 from fourm.models.grow import check_extends, grow_model, load_for_vocab, new_token_ids
-from fourm.training.lora import LoraSettings, apply_lora, load_adapters, save_adapter, trainable_parameters
+from fourm.models.lora import LoraSettings, apply_lora, load_adapters, save_adapter, trainable_parameters
 from fourm.vocab import SharedVocab
 
 TINY = {"dim": 64, "n_heads": 4, "n_kv_heads": 2}

@@ -166,12 +166,12 @@ def tokenizer_dir(model_dir: str | Path, explicit: str | Path | None = None) -> 
 
 def open_model(model_dir: str | Path, tokenizers: str | Path | None = None, dtype: str = "float32", adapter: str | Path | None = None):
     """(model in eval mode cast to ``dtype``, its TokenizerSet); a missing file is a ValueError
-    naming the path. ``adapter``: a LoRA adapter directory (``fourm.training.lora``) merged into
+    naming the path. ``adapter``: a LoRA adapter directory (``fourm.models.lora``) merged into
     the base once here, so decoding runs at the base model's speed; its tokenizer set (grown with
     the adapter's new modalities) is the default one."""
     from fourm.models.build import load_model
+    from fourm.models.lora import load_adapters
     from fourm.tokenizers.tokenizer_set import TokenizerSet
-    from fourm.training.lora import load_adapters
     from fourm.vocab import VOCAB_FILE
 
     for name in ("config.json", "model.safetensors"):

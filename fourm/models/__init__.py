@@ -1,1 +1,2 @@
-"""Transformer blocks and the two architectures (encoder-decoder, decoder-only)."""
+"""Transformer blocks and the two architectures (encoder-decoder, decoder-only); their saved form,
+building and loading, vocabulary growth, LoRA adapters (peft) and the Hugging Face export."""

@@ -39,6 +39,7 @@ from fourm.config import to_dict
 from fourm.data.shards import write_text_atomic
 from fourm.models.build import build_model, save_pretrained
 from fourm.models.grow import load_for_vocab
+from fourm.models.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.schedule import warmup_cosine
 from fourm.sequence import IGNORE_INDEX
@@ -46,7 +47,6 @@ from fourm.training import checkpoint as ckpt
 from fourm.training import run_dir
 from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context, pixel_sizes
 from fourm.training.engine import Engine, end_distributed, init_distributed, load_deepspeed_config
-from fourm.training.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.training.optimizers import OptimConfig, make_optimizer
 from fourm.training.shard_check import check_model_vocab, check_shards_fit
 from fourm.vocab import SharedVocab
