@@ -98,3 +98,29 @@ def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
             x += w + pad
         y += h + pad
     return out
+
+
+PASS_COLOR, FAIL_COLOR = (30, 160, 60), (200, 30, 30)
+
+
+def labelled_cell(img: np.ndarray, lines: list[str], ok: bool | None = None, scale: int = 2, border: int = 3, max_lines: int = 14) -> np.ndarray:
+    """An (H, W, 3) uint8 image upscaled by ``scale`` in a frame, green when ``ok``, red when not
+    (grey for None), above ``lines`` of text wrapped to its width: one cell of a pass/fail grid."""
+    color = {True: PASS_COLOR, False: FAIL_COLOR, None: (160, 160, 160)}[ok]
+    big = np.pad(upscale(img, scale), ((border, border), (border, border), (0, 0)))
+    big[:border], big[-border:], big[:, :border], big[:, -border:] = color, color, color, color
+    font = ImageFont.load_default()
+    chars = max(8, big.shape[1] // 6)
+    wrapped = ([{True: "PASS", False: "FAIL", None: ""}[ok]] + [w for line in lines for w in textwrap.wrap(line, width=chars)])[:max_lines]
+    strip = Image.new("RGB", (big.shape[1], 12 * len(wrapped) + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((2, 2), wrapped[0], fill=color, font=font)
+    draw.multiline_text((2, 14), "\n".join(wrapped[1:]), fill="black", font=font, spacing=2)
+    return np.concatenate([big, np.asarray(strip)], 0)
+
+
+def title_strip(text: str, width: int, height: int = 16) -> np.ndarray:
+    """One line of text on a light grey (height, width, 3) uint8 band: a row's heading in a grid."""
+    im = Image.new("RGB", (max(width, 8), height), (235, 235, 235))
+    ImageDraw.Draw(im).text((3, 2), text, fill="black", font=ImageFont.load_default())
+    return np.asarray(im)

@@ -227,14 +227,21 @@ def find_objects(rgb: np.ndarray, seg: np.ndarray, min_pixels: int = 8, color_sh
     return found
 
 
-def _holds(rel: str, a: dict, b: dict) -> bool:
+def relation_margin(rel: str, a: dict, b: dict) -> float:
+    """Pixels by which found object ``a`` is ``rel`` (left, right, front, behind) of ``b``; the
+    relation holds when it is > 0. Left/right by the regions' centres, front/behind by their
+    lowest rows (nearer objects reach lower in the image)."""
     if rel == "left":
-        return a["cx"] < b["cx"]
+        return b["cx"] - a["cx"]
     if rel == "right":
-        return a["cx"] > b["cx"]
+        return a["cx"] - b["cx"]
     if rel == "front":
-        return a["bottom"] > b["bottom"]
-    return a["bottom"] < b["bottom"]  # behind
+        return a["bottom"] - b["bottom"]
+    return b["bottom"] - a["bottom"]  # behind
+
+
+def relation_holds(rel: str, a: dict, b: dict) -> bool:
+    return relation_margin(rel, a, b) > 0
 
 
 def judge(caption: str, found: list[dict]) -> dict[str, bool]:
@@ -250,7 +257,7 @@ def judge(caption: str, found: list[dict]) -> dict[str, bool]:
         ca = [f for f in found if (f["color"], f["shape"]) == (oa.color, oa.shape)]
         cb = [f for f in found if (f["color"], f["shape"]) == (ob.color, ob.shape)]
         # the relation holds for some choice of the two objects (names can repeat)
-        if not any(_holds(rel, x, y) for x in ca for y in cb if x is not y):
+        if not any(relation_holds(rel, x, y) for x in ca for y in cb if x is not y):
             relations_ok = False
     return {"objects": objects_ok, "count": count_ok, "relations": relations_ok, "correct": objects_ok and count_ok and relations_ok}
 

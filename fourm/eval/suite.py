@@ -6,7 +6,9 @@ Directions (generated with the sampling API, one target at a time): rgb -> depth
 δ1..3 in metres via the depth tokenizer's decode), rgb -> semseg (mIoU, pixel accuracy), rgb ->
 boxes (COCO mAP, mAP@0.5 by pycocotools; categories are the shapes), rgb -> caption (precision,
 recall and F1 of the (colour, shape) objects named, against ``scene.json``), caption -> rgb
-(GenEval-style compositional accuracy by ``judge.py``). Asked for by name only (``EXTRA_DIRECTIONS``,
+(all-or-nothing compositional accuracy by ``judge.py``), and caption -> rgb GenEval-style
+(``geneval.py``: six tasks on prompts of its own, each with its true images; the headline is the
+mean over tasks). Asked for by name only (``EXTRA_DIRECTIONS``,
 for models whose vocabulary has the modality): rgb -> normals (angular error, MaskGIT like depth)
 and rgb -> count (exact match of the generated integer).
 
@@ -15,7 +17,7 @@ judge on the rgb tokenizer's round trip of the true images), and apart from it
 (``caption_to_rgb_true_images``) the judge on the true images themselves, its own accuracy.
 Floors: per-pixel mean depth, per-pixel majority class and per-pixel mean normal (renormalised)
 of the training split, no boxes, the training split's most common object as the caption and its
-most common count, and the judge on true images of *other* scenes.
+most common count, and the judge on true images of *other* scenes (for GenEval-style, of other prompts of the task).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from fourm.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = ("rgb_to_depth", "rgb_to_semseg", "rgb_to_boxes", "rgb_to_caption", "caption_to_rgb")
+GENEVAL = "caption_to_rgb_geneval"
+DIRECTIONS = ("rgb_to_depth", "rgb_to_semseg", "rgb_to_boxes", "rgb_to_caption", "caption_to_rgb", GENEVAL)
 EXTRA_DIRECTIONS = ("rgb_to_normals", "rgb_to_count")  # not in the default report; asked for by name
 
 
@@ -58,13 +61,14 @@ class EvalConfig:
     rgb_temperature: float = 1.0  # caption -> rgb is sampled; the other directions are greedy
     rgb_top_k: int = 50
     rgb_cfg: float = 2.0
+    geneval_prompts: int = 64  # prompts a GenEval-style task (fixed prompt seed 0; ``seed`` samples)
     baseline_scenes: int = 2000  # training scenes for the mean-depth / majority-class floors
     directions: tuple[str, ...] = DIRECTIONS  # a subset skips the others (e.g. a specialist)
     seed: int = 0
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def __post_init__(self) -> None:
-        for name in ("scenes", "batch_size", "steps", "predict_steps", "max_len"):
+        for name in ("scenes", "batch_size", "steps", "predict_steps", "max_len", "geneval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("rgb_temperature", "rgb_top_k", "rgb_cfg"):
@@ -183,7 +187,7 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
     k = tokenizers.images["semseg"].config.num_classes
     greedy = GenerationConfig(temperature=0.0, steps=config.predict_steps, max_len=config.max_len, seed=config.seed)
     sampled = GenerationConfig(temperature=config.rgb_temperature, top_k=config.rgb_top_k, cfg_scale=config.rgb_cfg, steps=config.steps, seed=config.seed)
-    wanted = [d.split("_to_")[1] for d in config.directions]
+    wanted = [d.split("_to_")[1] for d in config.directions if d != GENEVAL]
     out = {t: [] for t in wanted}
     for i in tqdm(range(0, n, config.batch_size), desc="evaluate", disable=not progress):
         sl = slice(i, i + config.batch_size)
@@ -231,14 +235,46 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
         report["ceiling"]["caption_to_rgb"] = summarize(judge_images(judge, round_trip.clamp(0, 255).to(torch.uint8), data["caption"], config.judge.min_pixels))
         report["ceiling"]["caption_to_rgb_true_images"] = summarize(judge_images(judge, data["rgb"], data["caption"], config.judge.min_pixels))
         report["floor"]["caption_to_rgb"] = summarize(judge_images(judge, data["rgb"].roll(1, 0), data["caption"], config.judge.min_pixels))
+    if GENEVAL in config.directions:
+        _geneval(report, model, tokenizers, judge, sampled, config, progress)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report, {"inputs": data, "predictions": out}
 
 
+def _geneval(report: dict, model, tokenizers, judge: Segmenter | None, sampled, config: EvalConfig, progress: bool) -> None:
+    """caption -> rgb GenEval-style into ``report``: the model's task scores, the floor, the
+    ceiling, and the judge on the true images (with its segmenter and the renderer's)."""
+    from fourm.eval.geneval import GenevalConfig, generate_images, make_prompts, run_geneval
+
+    if judge is None:
+        log.warning("%s needs the judge's segmenter: not measured", GENEVAL)
+        return
+    prompts = make_prompts(GenevalConfig(prompts=config.geneval_prompts, res=tokenizers.resolution), progress=progress)
+    generated = generate_images(model, tokenizers, prompts, sampled, config.batch_size, progress=progress)
+    figures = run_geneval(prompts, judge, tokenizers, generated, config.judge.min_pixels).figures
+    for part, section in (("model", "model"), ("floor", "floor"), ("ceiling", "ceiling")):
+        report[section][GENEVAL] = figures[part]
+    for part in ("true_images", "true_images_renderer", "floor_renderer", "ceiling_renderer"):
+        report["ceiling" if "floor" not in part else "floor"][f"{GENEVAL}_{part}"] = figures[part]
+    report["ceiling"][f"{GENEVAL}_prompts"] = figures["prompts"]
+
+
+def geneval_figures(report: dict) -> dict | None:
+    """A suite report's GenEval-style parts in ``fourm.eval.geneval.markdown``'s shape (None when
+    it has none)."""
+    if GENEVAL not in report.get("model", {}):
+        return None
+    out = {"prompts": report["ceiling"][f"{GENEVAL}_prompts"], "model": report["model"][GENEVAL], "floor": report["floor"][GENEVAL], "ceiling": report["ceiling"][GENEVAL]}
+    for part in ("true_images", "true_images_renderer", "floor_renderer", "ceiling_renderer"):
+        out[part] = report["ceiling" if "floor" not in part else "floor"][f"{GENEVAL}_{part}"]
+    return out
+
+
 # the default demo's targets (issue 7): direction -> (metric, threshold); AbsRel also has to be at
 # most half the mean-depth floor's
-TARGETS = {"rgb_to_depth": ("delta1", 0.95), "rgb_to_semseg": ("miou", 0.75), "rgb_to_boxes": ("map50", 0.6), "rgb_to_caption": ("f1", 0.8), "caption_to_rgb": ("accuracy", 0.6)}
-SECONDARY = {"rgb_to_depth": "abs_rel", "rgb_to_semseg": "pixel_acc", "rgb_to_boxes": "map", "rgb_to_caption": "precision", "caption_to_rgb": "relations"}
+TARGETS = {"rgb_to_depth": ("delta1", 0.95), "rgb_to_semseg": ("miou", 0.75), "rgb_to_boxes": ("map50", 0.6), "rgb_to_caption": ("f1", 0.8), "caption_to_rgb": ("accuracy", 0.6), GENEVAL: ("overall", 0.3)}
+SECONDARY = {"rgb_to_depth": "abs_rel", "rgb_to_semseg": "pixel_acc", "rgb_to_boxes": "map", "rgb_to_caption": "precision", "caption_to_rgb": "relations", GENEVAL: "single_object"}
+GENEVAL_SINGLE_OBJECT = 0.7  # issue 32's step: overall >= 0.3 with single object >= 0.7
 EXTRA_METRICS = {"rgb_to_normals": ("median_deg", "within_11_25"), "rgb_to_count": ("accuracy",)}  # no targets
 
 
@@ -252,6 +288,8 @@ def check_targets(report: dict) -> dict:
             floor = report["floor"].get("rgb_to_depth", {}).get("abs_rel")
             if floor is not None:
                 met = met and report["model"][direction]["abs_rel"] <= 0.5 * floor
+        if direction == GENEVAL and value is not None:
+            met = met and report["model"][direction].get("single_object", 0.0) >= GENEVAL_SINGLE_OBJECT
         out[direction] = {"metric": metric, "value": value, "target": threshold, "met": met}
     return out
 
@@ -270,6 +308,11 @@ def markdown_report(report: dict) -> str:
     for direction in DIRECTIONS:
         t = targets[direction]
         lines.append(row(direction, t["metric"], f">= {t['target']}", {None: "-", True: "yes", False: "no"}[t["met"]]))
-        lines.append(row(direction, SECONDARY[direction], "<= floor/2" if direction == "rgb_to_depth" else ""))
+        lines.append(row(direction, SECONDARY[direction], {"rgb_to_depth": "<= floor/2", GENEVAL: f">= {GENEVAL_SINGLE_OBJECT}"}.get(direction, "")))
     lines += [row(d, metric) for d in EXTRA_DIRECTIONS if d in report["model"] for metric in EXTRA_METRICS[d]]
+    figures = geneval_figures(report)
+    if figures is not None:
+        from fourm.eval.geneval import markdown
+
+        lines += ["", "caption → rgb GenEval-style, per task (floor: true images of other prompts; ceiling: the rgb tokenizer's round trips of the true images):", "", markdown(figures)]
     return "\n".join(lines)

@@ -257,3 +257,13 @@ def tight_boxes(instance: np.ndarray, n_objects: int) -> list[tuple[int, int, in
         cols = np.nonzero(mask.any(0))[0]
         out.append((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
     return out
+
+
+def object_masks(scene: Scene, res: int) -> np.ndarray:
+    """Each object's own silhouette, as if the other objects were not there (occlusion, not
+    the frame, removed): (K, R, R) bool. Beside ``RenderResult.instance`` it tells how much of an
+    object is hidden behind others; a silhouette on the image border is cut by the frame."""
+    origin, dirs, _ = camera_rays(scene, res)
+    if not scene.objects:
+        return np.zeros((0, res, res), bool)
+    return np.stack([np.isfinite(_HIT[o.shape](origin, dirs, o)).reshape(res, res) for o in scene.objects])
