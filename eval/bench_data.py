@@ -3,7 +3,7 @@
 
     python eval/bench_data.py [--num 2000] [--json OUT]
 
-Prints a Markdown table (the README's) and optionally writes the figures as JSON.
+Prints a Markdown table (docs/benchmarks.md's) and optionally writes the figures as JSON.
 """
 
 from __future__ import annotations

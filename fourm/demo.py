@@ -53,7 +53,7 @@ class DemoTokenizerConfig:
     max_steps: int = 3000
     overrides: list[str] = field(default_factory=list)  # --set style, applied to every image tokenizer
     # coordinate bins of the boxes; 0: data.res, one bin a pixel (the library's default is 1000; at
-    # the demo's budget, same shards: mAP@0.5 0.015 with 64 bins against 0.003 with 1000, README)
+    # the demo's budget, same shards: mAP@0.5 0.015 with 64 bins against 0.003 with 1000, docs/tokenizers.md)
     box_bins: int = 0
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ products with Inductor's C++ GEMM template among the candidates: each of the ste
 products gets a kernel generated for its shape, with the weights laid out for it, chosen by timing
 against the library call (on the 2-core AVX2 CPU: float32 decoding 3.62x / 2.53x HF ``generate``
 at batch 1 / 8, from 1.85x / 1.79x with the library's packed GEMM; the one-off compile about
-doubles; README). Every step has the same shapes (static caches, a one-token input), so it compiles
+doubles; docs/generation.md). Every step has the same shapes (static caches, a one-token input), so it compiles
 once per model, batch size and sequence capacity. Frozen weights are checked against the parameters'
 version counters at each call: a model trained further after compiling is compiled again.
 """
