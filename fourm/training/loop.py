@@ -213,7 +213,77 @@ def train(cfg: TrainConfig, out: str | Path, deepspeed_config: str | None = None
             end_distributed(completed, deepspeed_config is not None)
 
 
+@dataclass
+class _Progress:
+    """The counts a checkpoint saves and a resume restores (``autocast``: the precision a resumed
+    run started with, kept so that it resumes as if never stopped)."""
+
+    step: int = 0
+    tokens: int = 0
+    batches: int = 0  # per rank
+    bad_steps: int = 0
+    bad_in_row: int = 0
+    autocast: str | None = None
+
+    def counters(self) -> dict[str, int]:
+        return {"bad_steps": self.bad_steps, "bad_in_row": self.bad_in_row}
+
+
+@dataclass
+class _Run:
+    """What the set-up builds and every later part reads."""
+
+    cfg: TrainConfig
+    out: Path
+    world: int
+    kind: str  # single | ddp | deepspeed
+    manifest: dict
+    vocab: SharedVocab
+    base_vocab: SharedVocab  # the vocabulary of ``init_from`` (``vocab`` when training from scratch)
+    engine: Engine
+    arch: str
+    trainable: list[torch.nn.Parameter]
+    param_bytes: list[int]
+    stream: TokenStream
+    z_weight: float
+
+
 def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bool, progress: bool) -> dict:
+    run, done = _set_up(cfg, out, deepspeed_config, resume)
+    data = _choose_precision(run, iter(make_loader(run.stream)), done.autocast)
+    report = _Report(run, done.step, progress)
+    start_time, start_step = time.perf_counter(), done.step
+    tf = _time_fraction(cfg, start_time)  # measured once per step (a collective under torch.distributed)
+    faults = _injected_faults()
+    next_snapshot = cfg.snapshot_every_minutes
+    try:
+        while done.step < cfg.max_steps and not (cfg.max_tokens and done.tokens >= cfg.max_tokens) and tf < 1.0:
+            lr = _step_lr(cfg, done.step, start_step, tf)
+            run.engine.set_lr(lr)
+            losses, mod_losses, applied, seen = _train_step(run, done, data, faults)
+            done.step += 1
+            report.bar.update()
+            report.window_tokens += seen
+            diverged = _count_bad_step(run, done, applied)
+            tf = _time_fraction(cfg, start_time)
+            if done.step % cfg.log_every == 0 or done.step == cfg.max_steps or tf >= 1.0 or diverged:
+                report.log(done, lr, losses, mod_losses)
+            next_snapshot = _save_due(run, done, tf, diverged, next_snapshot)
+            if diverged:
+                raise TrainingDiverged(f"{done.bad_in_row} steps in a row (max_bad_steps) had a non-finite loss or gradient, the last at step {done.step}: lower optim.lr or check the data; checkpoint {ckpt.checkpoint_dir(out, done.step)}")
+        if done.step % cfg.ckpt_every and done.step != cfg.max_steps:  # stopped by tokens or time
+            _save_checkpoint(run.engine, out, done, cfg)
+    finally:
+        report.close()
+    return _finish(run, done, report.last, start_time, start_step)
+
+
+# -- set-up ------------------------------------------------------------------------------------------
+
+
+def _set_up(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bool) -> tuple[_Run, _Progress]:
+    """Checks (shards, writability, free space) before anything is built or written, then the
+    model, its engine, the resumed counts, the run's files and the token stream."""
     rank, world = init_distributed(deepspeed_config is not None)
     manifest = token_manifest(cfg)
     shards = ", ".join(src.path for src in cfg.data.sources) or cfg.manifest
@@ -224,22 +294,8 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
     vocab, grids, kinds = manifest_context(manifest)
 
     torch.manual_seed(cfg.seed)
-    base_vocab = vocab
     latest = ckpt.latest_checkpoint(out) if resume else None  # looked up once: it reads and checks every checkpoint's files
-    if cfg.lora.enabled and not cfg.init_from:
-        raise ValueError("lora.enabled needs init_from (--set init_from=DIR): the pretrained model the adapters adapt")
-    if cfg.init_from:
-        model, base_vocab = load_for_vocab(cfg.init_from, vocab)
-    else:
-        spec = run_dir.model_spec(out, cfg.model_spec(), cfg.model, latest is not None)
-        model = build_model(spec, vocab=vocab)
-    arch = model.config.arch
-    cfg.objective.validate(arch)
-    if cfg.lora.enabled:
-        if deepspeed_config and load_deepspeed_config(deepspeed_config, 1, 1, 0.0).get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError("LoRA runs under DeepSpeed ZeRO-2 (or DDP); ZeRO-3 would shard the frozen base too, which adapters do not need: use configs/deepspeed/zero2.json")
-        new_modalities = [i for i, m in enumerate(vocab.modalities) if m not in base_vocab.modalities]
-        model = apply_lora(model, cfg.lora, range(base_vocab.size, vocab.size), new_modalities)
+    model, base_vocab, spec = _model(cfg, out, vocab, latest is not None, deepspeed_config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     kept = cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else cfg.max_steps // cfg.ckpt_every + 1
     run_dir.check_free_space(out, run_dir.bytes_needed(out, run_dir.checkpoint_bytes(model), kept, 4 * sum(p.numel() for p in model.parameters())))
@@ -256,152 +312,234 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
         dist.all_gather_object(param_bytes, engine.parameter_bytes())
     if engine.is_main:
         log.info("parameters per rank: %s MB", ", ".join(f"{b / 2**20:.1f}" for b in param_bytes))
-    step, tokens, batches, bad_steps, bad_in_row = 0, 0, 0, 0, 0
-    resumed_autocast = None  # the precision a resumed run started with: kept, so it resumes as if never stopped
-    if resume:
-        if latest is not None:
-            state = ckpt.read_state(latest)
-            engine.load(latest)
-            ckpt.load_rng(latest, rank)
-            step, tokens, batches = state["step"], state["tokens"], state["batches_per_rank"]
-            bad_steps, bad_in_row = state.get("bad_steps", 0), state.get("bad_in_row", 0)
-            resumed_autocast = state.get("autocast")
-            if engine.is_main:
-                log.info("resuming from %s (step %d)", latest, step)
-        elif engine.is_main:
-            log.info("--resume: no checkpoint in %s, starting fresh", out)
+    done = _resume(engine, latest, rank, out) if resume else _Progress()
     if engine.is_main:
-        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
-        if not cfg.init_from:
-            write_text_atomic(out / run_dir.MODEL_SPEC, json.dumps(spec, indent=1) + "\n")
-        dropped = run_dir.rewind_metrics(out / "metrics.jsonl", step)
-        if dropped:
-            log.info("metrics.jsonl: %d records after step %d dropped (they are done again)", dropped, step)
+        _write_run_files(cfg, out, spec, done.step)
+    stream = _token_stream(cfg, model.config, manifest, vocab, kinds, grids, rank, world, done.batches)
+    run = _Run(cfg, out, world, kind, manifest, vocab, base_vocab, engine, model.config.arch, trainable, param_bytes, stream, getattr(model.config, "z_loss", 0.0))
+    return run, done
 
-    pixels = bool(getattr(model.config, "rgb_pixels", False))
+
+def _model(cfg: TrainConfig, out: Path, vocab: SharedVocab, resuming: bool, deepspeed_config: str | None) -> tuple[torch.nn.Module, SharedVocab, dict | None]:
+    """(the model to train, the vocabulary of its base, the model spec written to the run directory
+    or None with ``init_from``): ``init_from`` grown to ``vocab`` or a new model (the run
+    directory's spec when resuming), then LoRA adapters on it when enabled."""
+    spec = None
+    if cfg.lora.enabled and not cfg.init_from:
+        raise ValueError("lora.enabled needs init_from (--set init_from=DIR): the pretrained model the adapters adapt")
+    if cfg.init_from:
+        model, base_vocab = load_for_vocab(cfg.init_from, vocab)
+    else:
+        spec = run_dir.model_spec(out, cfg.model_spec(), cfg.model, resuming)
+        model, base_vocab = build_model(spec, vocab=vocab), vocab
+    cfg.objective.validate(model.config.arch)
+    if cfg.lora.enabled:
+        if deepspeed_config and load_deepspeed_config(deepspeed_config, 1, 1, 0.0).get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError("LoRA runs under DeepSpeed ZeRO-2 (or DDP); ZeRO-3 would shard the frozen base too, which adapters do not need: use configs/deepspeed/zero2.json")
+        new_modalities = [i for i, m in enumerate(vocab.modalities) if m not in base_vocab.modalities]
+        model = apply_lora(model, cfg.lora, range(base_vocab.size, vocab.size), new_modalities)
+    return model, base_vocab, spec
+
+
+def _resume(engine: Engine, latest: Path | None, rank: int, out: Path) -> _Progress:
+    """The counts of checkpoint ``latest``, whose weights, optimizer state and RNG are loaded; fresh
+    counts when ``out`` holds no checkpoint."""
+    if latest is None:
+        if engine.is_main:
+            log.info("--resume: no checkpoint in %s, starting fresh", out)
+        return _Progress()
+    state = ckpt.read_state(latest)
+    engine.load(latest)
+    ckpt.load_rng(latest, rank)
+    done = _Progress(state["step"], state["tokens"], state["batches_per_rank"], state.get("bad_steps", 0), state.get("bad_in_row", 0), state.get("autocast"))
+    if engine.is_main:
+        log.info("resuming from %s (step %d)", latest, done.step)
+    return done
+
+
+def _write_run_files(cfg: TrainConfig, out: Path, spec: dict | None, step: int) -> None:
+    """Rank 0: ``config.json``, the model spec, and ``metrics.jsonl`` rewound to ``step``."""
+    write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
+    if not cfg.init_from:
+        write_text_atomic(out / run_dir.MODEL_SPEC, json.dumps(spec, indent=1) + "\n")
+    dropped = run_dir.rewind_metrics(out / "metrics.jsonl", step)
+    if dropped:
+        log.info("metrics.jsonl: %d records after step %d dropped (they are done again)", dropped, step)
+
+
+def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], rank: int, world: int, skip: int) -> TokenStream:
+    """This rank's examples, the first ``skip`` batches (done before a resume) skipped; rgb pixels
+    too for a model that reads them, once the shards' pixels fit its patches."""
+    pixels = bool(getattr(model_config, "rgb_pixels", False))
     if pixels:
         size = pixel_sizes(manifest).get("rgb")
         if not size:
             raise ValueError("the model reads rgb inputs as pixels too (rgb_pixels) but the token shards hold no rgb pixels: pretokenize them again (data_pipelines/pretokenize.py keeps rgb.pixels.npy)")
-        if size != model.config.pixel_patch * grids["rgb"]:
-            raise ValueError(f"the token shards' rgb pixels are {size}x{size} on a {grids['rgb']}x{grids['rgb']} token grid, patches of {size // grids['rgb']} pixels, but the model reads patches of {model.config.pixel_patch}: --set model.pixel_patch={size // grids['rgb']}")
-    stream = TokenStream(cfg.data, arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=batches, pixels=pixels)
-    data = iter(make_loader(stream))
-    z_weight = getattr(model.config, "z_loss", 0.0)
+        if size != model_config.pixel_patch * grids["rgb"]:
+            raise ValueError(f"the token shards' rgb pixels are {size}x{size} on a {grids['rgb']}x{grids['rgb']} token grid, patches of {size // grids['rgb']} pixels, but the model reads patches of {model_config.pixel_patch}: --set model.pixel_patch={size // grids['rgb']}")
+    return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels)
+
+
+def _choose_precision(run: _Run, data, resumed_autocast: str | None):
+    """The step's precision: the one a resumed run started with, else chosen by timing the first
+    batches' steps both ways; returns ``data`` with those batches still to be trained on."""
+    engine, cfg = run.engine, run.cfg
     if resumed_autocast in AUTOCAST_NAMES and engine.kind != "deepspeed" and cfg.bf16:
         engine.autocast_dtype = AUTOCAST_NAMES[resumed_autocast]
         if engine.is_main:
             log.info("precision: %s, as the run started (its checkpoint says so)", resumed_autocast)
-    else:  # precision by timing the first batches' steps both ways; they are trained on after
-        firsts = list(itertools.islice(data, PROBE_BATCHES))
-        if firsts:
-            engine.choose_precision(_workload_name(cfg, arch, trainable, world), _probe_step(engine, firsts, arch, cfg.loss_mode, z_weight))
-            data = itertools.chain(firsts, data)
-    names = list(vocab.modalities)
-    metrics_file = open(out / "metrics.jsonl", "a") if engine.is_main else None
-    board = _tensorboard(out, step + 1) if engine.is_main else None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {arch}", unit="step", disable=not (progress and engine.is_main))
-    window_tokens, window_start = 0, time.perf_counter()
-    last: dict = {}
-    start_time = time.perf_counter()
-    start_step = step
+        return data
+    firsts = list(itertools.islice(data, PROBE_BATCHES))
+    if firsts:
+        engine.choose_precision(_workload_name(cfg, run.arch, run.trainable, run.world), _probe_step(engine, firsts, run.arch, cfg.loss_mode, run.z_weight))
+        data = itertools.chain(firsts, data)
+    return data
 
-    def time_fraction() -> float:
-        if not cfg.max_minutes:
-            return 0.0
-        frac = (time.perf_counter() - start_time) / (cfg.max_minutes * 60)
-        if dist.is_initialized():  # every rank must stop at the same step
-            t = torch.tensor([frac])
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            frac = float(t)
-        return frac
 
-    tf = time_fraction()  # measured once per step (a collective under torch.distributed)
-    faults = _injected_faults()
-    next_snapshot = cfg.snapshot_every_minutes
-    counters = {"bad_steps": bad_steps, "bad_in_row": bad_in_row}
-    try:
-        while step < cfg.max_steps and not (cfg.max_tokens and tokens >= cfg.max_tokens) and tf < 1.0:
-            # with a time budget the decay follows the nearer of the two limits
-            budget = max((step - start_step) / max(1, cfg.max_steps - start_step), tf) if tf > 0 else 0.0
-            lr = lr_at(step, cfg.optim, cfg.max_steps, budget)
-            engine.set_lr(lr)
-            losses, mod_losses, finite, applied = [], {}, True, True
-            for micro in range(cfg.optim.grad_accum):
-                batch = next(data, None)
-                if batch is None:
-                    raise ValueError(f"the training data ran out: no usable samples left (skipped: {stream.skipped.report()})")
-                batches += 1
-                label_modality = batch.pop("label_modality")
-                labels = batch.pop("labels")
-                n_tok = _count_tokens(batch)
-                loss, per_mod = model_loss(engine, batch, labels, label_modality, arch, cfg.loss_mode, z_weight)
-                if step + 1 in faults:
-                    loss = loss * float("nan")
-                finite = finite and bool(torch.isfinite(loss.detach()))
-                engine.backward(loss, cfg.optim.grad_accum)
-                applied = engine.step(cfg.optim.grad_clip, boundary=micro == cfg.optim.grad_accum - 1, finite_loss=finite)
-                losses.append(loss.detach())
-                for m, v in per_mod.items():
-                    mod_losses.setdefault(m, []).append(v.detach())
-                window_tokens += n_tok * world
-                tokens += n_tok * world
-            step += 1
-            bar.update()
-            bad_in_row = 0 if applied else bad_in_row + 1
-            bad_steps += not applied
-            if not applied and engine.is_main:
-                log.warning("step %d: non-finite loss or gradient; optimizer step skipped (%d in a row, %d in all)", step, bad_in_row, bad_steps)
-            diverged = bool(cfg.max_bad_steps) and bad_in_row >= cfg.max_bad_steps
-            tf = time_fraction()
-            if step % cfg.log_every == 0 or step == cfg.max_steps or tf >= 1.0 or diverged:
-                loss_value = float(torch.stack(losses).mean())
-                if dist.is_initialized():  # the mean over ranks, for the log only
-                    t = torch.tensor([loss_value])
-                    dist.all_reduce(t)
-                    loss_value = float(t) / world
-                elapsed = time.perf_counter() - window_start
-                last = {"step": step, "loss": _finite_or_none(loss_value), "lr": lr, "tokens": tokens, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-                last.update({f"loss/{names[m]}": _finite_or_none(float(torch.stack(v).mean())) for m, v in mod_losses.items() if 0 <= m < len(names)})
-                last.update(_data_counts(stream, bad_steps))
-                window_tokens, window_start = 0, time.perf_counter()
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                if board is not None:
-                    for key, value in last.items():
-                        if key != "step" and value is not None:
-                            board.add_scalar(key, value, step)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            counters = {"bad_steps": bad_steps, "bad_in_row": bad_in_row}  # saved with the checkpoint
-            if cfg.snapshot_every_minutes and tf * cfg.max_minutes >= next_snapshot and tf < 1.0:
-                _save_snapshot(engine, out, vocab, manifest, cfg, base_vocab, {"step": step, "tokens": tokens, "minutes": round(tf * cfg.max_minutes, 3)})
-                next_snapshot += cfg.snapshot_every_minutes
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or diverged:
-                _save_checkpoint(engine, out, step, tokens, batches, cfg, counters)
-            if diverged:
-                raise TrainingDiverged(f"{bad_in_row} steps in a row (max_bad_steps) had a non-finite loss or gradient, the last at step {step}: lower optim.lr or check the data; checkpoint {ckpt.checkpoint_dir(out, step)}")
-        if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by tokens or time
-            _save_checkpoint(engine, out, step, tokens, batches, cfg, counters)
-    finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if board is not None:
-            board.close()
-    _save_final(engine, out, vocab, manifest, cfg, base_vocab)
-    counts = _data_counts(stream, bad_steps)
+# -- one step ----------------------------------------------------------------------------------------
+
+
+def _time_fraction(cfg: TrainConfig, start_time: float) -> float:
+    """The share of ``max_minutes`` spent (0 without a time budget), the largest over ranks: every
+    rank must stop at the same step."""
+    if not cfg.max_minutes:
+        return 0.0
+    frac = (time.perf_counter() - start_time) / (cfg.max_minutes * 60)
+    if dist.is_initialized():
+        t = torch.tensor([frac])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        frac = float(t)
+    return frac
+
+
+def _step_lr(cfg: TrainConfig, step: int, start_step: int, tf: float) -> float:
+    """The learning rate of ``step``: with a time budget the decay follows the nearer of the two limits."""
+    budget = max((step - start_step) / max(1, cfg.max_steps - start_step), tf) if tf > 0 else 0.0
+    return lr_at(step, cfg.optim, cfg.max_steps, budget)
+
+
+def _train_step(run: _Run, done: _Progress, data, faults: set[int]) -> tuple[list[torch.Tensor], dict[int, list[torch.Tensor]], bool, int]:
+    """One optimizer step over ``grad_accum`` micro-batches (their batches and tokens counted in
+    ``done``) -> (the micro-batches' losses, per-modality losses, whether the update was applied
+    (not for a non-finite loss or gradient), tokens of all ranks)."""
+    cfg, engine = run.cfg, run.engine
+    losses, mod_losses, finite, applied, seen = [], {}, True, True, 0
+    for micro in range(cfg.optim.grad_accum):
+        batch = next(data, None)
+        if batch is None:
+            raise ValueError(f"the training data ran out: no usable samples left (skipped: {run.stream.skipped.report()})")
+        done.batches += 1
+        label_modality = batch.pop("label_modality")
+        labels = batch.pop("labels")
+        n_tok = _count_tokens(batch)
+        loss, per_mod = model_loss(engine, batch, labels, label_modality, run.arch, cfg.loss_mode, run.z_weight)
+        if done.step + 1 in faults:
+            loss = loss * float("nan")
+        finite = finite and bool(torch.isfinite(loss.detach()))
+        engine.backward(loss, cfg.optim.grad_accum)
+        applied = engine.step(cfg.optim.grad_clip, boundary=micro == cfg.optim.grad_accum - 1, finite_loss=finite)
+        losses.append(loss.detach())
+        for m, v in per_mod.items():
+            mod_losses.setdefault(m, []).append(v.detach())
+        seen += n_tok * run.world
+        done.tokens += n_tok * run.world
+    return losses, mod_losses, applied, seen
+
+
+# -- faults ------------------------------------------------------------------------------------------
+
+
+def _count_bad_step(run: _Run, done: _Progress, applied: bool) -> bool:
+    """Count a step whose update was skipped (non-finite); True once ``max_bad_steps`` came in a row."""
+    done.bad_in_row = 0 if applied else done.bad_in_row + 1
+    done.bad_steps += not applied
+    if not applied and run.engine.is_main:
+        log.warning("step %d: non-finite loss or gradient; optimizer step skipped (%d in a row, %d in all)", done.step, done.bad_in_row, done.bad_steps)
+    return bool(run.cfg.max_bad_steps) and done.bad_in_row >= run.cfg.max_bad_steps
+
+
+# -- logging -----------------------------------------------------------------------------------------
+
+
+class _Report:
+    """Rank 0's record of the run: ``metrics.jsonl`` (appended to), TensorBoard (when installed) and
+    the tqdm bar. ``log`` writes one record: the mean losses of the step, and tokens per second
+    over the steps since the last record (``window_tokens``, counted by the loop)."""
+
+    def __init__(self, run: _Run, step: int, progress: bool):
+        self.run = run
+        self.names = list(run.vocab.modalities)
+        main = run.engine.is_main
+        self.metrics_file = open(run.out / "metrics.jsonl", "a") if main else None
+        self.board = _tensorboard(run.out, step + 1) if main else None
+        self.bar = tqdm(total=run.cfg.max_steps, initial=step, desc=f"train {run.arch}", unit="step", disable=not (progress and main))
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.last: dict = {}
+
+    def log(self, done: _Progress, lr: float, losses: list[torch.Tensor], mod_losses: dict[int, list[torch.Tensor]]) -> None:
+        loss_value = float(torch.stack(losses).mean())
+        if dist.is_initialized():  # the mean over ranks, for the log only
+            t = torch.tensor([loss_value])
+            dist.all_reduce(t)
+            loss_value = float(t) / self.run.world
+        elapsed = time.perf_counter() - self.window_start
+        last = {"step": done.step, "loss": _finite_or_none(loss_value), "lr": lr, "tokens": done.tokens, "tokens_per_s": self.window_tokens / max(elapsed, 1e-9)}
+        last.update({f"loss/{self.names[m]}": _finite_or_none(float(torch.stack(v).mean())) for m, v in mod_losses.items() if 0 <= m < len(self.names)})
+        last.update(_data_counts(self.run.stream, done.bad_steps))
+        self.last = last
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(last) + "\n")
+            self.metrics_file.flush()
+        if self.board is not None:
+            for key, value in last.items():
+                if key != "step" and value is not None:
+                    self.board.add_scalar(key, value, done.step)
+        self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+# -- checkpoints and snapshots -----------------------------------------------------------------------
+
+
+def _save_due(run: _Run, done: _Progress, tf: float, diverged: bool, next_snapshot: float) -> float:
+    """After a step: the snapshot due every ``snapshot_every_minutes`` of a time budget, and the
+    checkpoint due every ``ckpt_every`` steps, at the last step and on divergence. Returns the
+    minute of the next snapshot."""
+    cfg = run.cfg
+    if cfg.snapshot_every_minutes and tf * cfg.max_minutes >= next_snapshot and tf < 1.0:
+        _save_snapshot(run.engine, run.out, run.vocab, run.manifest, cfg, run.base_vocab, {"step": done.step, "tokens": done.tokens, "minutes": round(tf * cfg.max_minutes, 3)})
+        next_snapshot += cfg.snapshot_every_minutes
+    if done.step % cfg.ckpt_every == 0 or done.step == cfg.max_steps or diverged:
+        _save_checkpoint(run.engine, run.out, done, cfg)
+    return next_snapshot
+
+
+# -- the end -----------------------------------------------------------------------------------------
+
+
+def _finish(run: _Run, done: _Progress, last: dict, start_time: float, start_step: int) -> dict:
+    """The final weights (``OUT/final``), the data's skip counts, and the summary (``summary.json``)."""
+    cfg, engine, stream = run.cfg, run.engine, run.stream
+    _save_final(engine, run.out, run.vocab, run.manifest, cfg, run.base_vocab)
+    counts = _data_counts(stream, done.bad_steps)
     if engine.is_main:
-        log.info("data: skipped samples: %s; optimizer steps skipped (non-finite): %d", stream.skipped.report(), bad_steps)
-    summary = {"steps": step, "tokens": tokens, "last": last, "world": world, "engine": kind, "parameter_bytes_per_rank": param_bytes, "parameter_bytes_whole": engine.parameter_bytes(whole=True)}
-    summary["bad_steps"] = bad_steps
+        log.info("data: skipped samples: %s; optimizer steps skipped (non-finite): %d", stream.skipped.report(), done.bad_steps)
+    summary = {"steps": done.step, "tokens": done.tokens, "last": last, "world": run.world, "engine": run.kind, "parameter_bytes_per_rank": run.param_bytes, "parameter_bytes_whole": engine.parameter_bytes(whole=True)}
+    summary["bad_steps"] = done.bad_steps
     summary["skipped"] = {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")}
     summary["repaired"] = {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("repaired/")}
-    summary["trainable_parameters"], summary["base_parameters"] = trainable_parameters(engine.module) if cfg.lora.enabled else (sum(p.numel() for p in trainable),) * 2
-    summary["seconds_per_step"] = (time.perf_counter() - start_time) / max(step - start_step, 1)
+    summary["trainable_parameters"], summary["base_parameters"] = trainable_parameters(engine.module) if cfg.lora.enabled else (sum(p.numel() for p in run.trainable),) * 2
+    summary["seconds_per_step"] = (time.perf_counter() - start_time) / max(done.step - start_step, 1)
     summary["peak_rss_mb"] = peak_rss_mb()
     if engine.is_main:
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_text_atomic(run.out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -432,7 +570,10 @@ def _tensorboard(out: Path, purge_step: int):
     return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
-def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches: int, cfg: TrainConfig, counters: dict) -> None:
+def _save_checkpoint(engine: Engine, out: Path, done: _Progress, cfg: TrainConfig) -> None:
+    """``OUT/checkpoints/step-N``: every rank's share, its RNG, and the counts; published (renamed
+    into place, old ones pruned) once complete."""
+    step = done.step
     tmp, final = ckpt.temp_dir(out, step), ckpt.checkpoint_dir(out, step)
     if engine.is_main:
         if tmp.exists():  # left by a killed run
@@ -444,7 +585,7 @@ def _save_checkpoint(engine: Engine, out: Path, step: int, tokens: int, batches:
     engine.barrier()
     if engine.is_main:
         autocast = next(name for name, dtype in AUTOCAST_NAMES.items() if dtype is engine.autocast_dtype)
-        ckpt.write_state(tmp, {"step": step, "tokens": tokens, "batches_per_rank": batches, "world": engine.world, "engine": engine.kind, "autocast": autocast, **counters})
+        ckpt.write_state(tmp, {"step": step, "tokens": done.tokens, "batches_per_rank": done.batches, "world": engine.world, "engine": engine.kind, "autocast": autocast, **done.counters()})
         ckpt.publish(tmp, final, cfg.keep_checkpoints)
     engine.barrier()
 
