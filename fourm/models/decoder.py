@@ -111,50 +111,51 @@ class DecoderLM(nn.Module, Pretrained):
                 loss paths need it, and the full logits are then -inf outside that modality
                 (ignored otherwise).
         """
-        b, t = input_ids.shape
-        if cache_position is not None:
-            if not past_key_values or not past_key_values[0].static:
-                raise ValueError("cache_position needs static caches: model.new_cache(capacity, static=True)")
-            if positions is None:
-                positions = cache_position[None].expand(b, t)
-            mask = _static_mask(cache_position, past_key_values[0].capacity, attention_mask)
-        else:
-            past = past_key_values[0].length if past_key_values else 0
-            if positions is None:
-                positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
-            mask = _mask(b, t, past, attention_mask, prefix_len, input_ids.device)
+        positions, mask = _positions_and_mask(input_ids, positions, attention_mask, prefix_len, past_key_values, cache_position)
         cos, sin = rope_cos_sin(positions, self.config.rope_inv_freq(positions.device))
+        groups = self._loss_groups(input_ids, labels, loss_labels, label_modality)
+        rows = _labelled_rows(loss_labels, input_ids.shape[1], groups, attention_mask, past_key_values) if loss_labels is not None else None
+        x = self._trunk(input_ids, cos, sin, mask, past_key_values, cache_position, rows.layout if rows is not None else None)
+        if rows is not None:
+            return self._labelled_loss(x, rows, past_key_values)
+        return self._logits_and_loss(x, labels, groups, logits_to_keep, logits_span, past_key_values)
+
+    def _loss_groups(self, input_ids: torch.Tensor, labels, loss_labels, label_modality) -> torch.Tensor | None:
+        """(B, T - 1) softmax groups (``_softmax_groups``) with ``modality_softmax`` and the tokens'
+        modalities given, else None; ValueError for labels without their modalities there."""
         per_modality = self.config.modality_softmax
         if per_modality and label_modality is None and (loss_labels is not None or labels is not None):
             raise ValueError("this model's softmax is per modality (modality_softmax): pass label_modality (collate_decoder's) with the labels")
-        if per_modality and label_modality is not None:
-            targets = loss_labels if loss_labels is not None else labels if labels is not None else input_ids
-            groups = self._softmax_groups(torch.where(targets < 0, input_ids, targets), label_modality)
-        else:
-            groups = None
-        layout = None
-        if loss_labels is not None:
-            y = loss_labels[:, 1:].reshape(-1)
-            index = (y != IGNORE_INDEX).nonzero()[:, 0]  # into the flattened (B, T - 1) shifted positions
-            if groups is not None:  # rows of one modality together, for span_cross_entropy
-                picked_groups, order = groups.reshape(-1)[index].sort(stable=True)
-                index = index[order]
-            source = index // (t - 1) * t + index % (t - 1)  # shifted position (b, t) is place b * T + t of the (B, T) batch
-            if attention_mask is not None and past_key_values is None:  # a padded batch: every layer but attention on real tokens only
-                layout = Unpadded.of(attention_mask, needed=source)
+        if not (per_modality and label_modality is not None):
+            return None
+        targets = loss_labels if loss_labels is not None else labels if labels is not None else input_ids
+        return self._softmax_groups(torch.where(targets < 0, input_ids, targets), label_modality)
+
+    def _trunk(self, input_ids: torch.Tensor, cos, sin, mask, past_key_values, cache_position, layout: Unpadded | None) -> torch.Tensor:
+        """Token embeddings through the blocks: (B, T, dim), or (1, N, dim) over the N real tokens
+        of a padded batch (``layout``)."""
         x = self.embed(input_ids)
         if layout is not None:
             x = layout.unpad(x)  # (1, N, dim)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, past_key_values[i] if past_key_values else None, cache_position=cache_position, layout=layout)
-        if loss_labels is not None:
-            h = x[:, :-1].reshape(-1, x.shape[-1])[index] if layout is None else x[0][layout.rows(source)]
-            if groups is not None:
-                ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y[index], picked_groups, self.spans, self.allowed)
-            else:
-                picked = self.lm_head(self.norm(h)).float()
-                ce, lse = F.cross_entropy(picked, y[index], reduction="none"), torch.logsumexp(picked, dim=-1)
-            return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=lse, index=index)
+        return x
+
+    def _labelled_loss(self, x: torch.Tensor, rows: _LabelledRows, past_key_values) -> CausalLMOutput:
+        """The ``loss_labels`` path: the output layer at the labelled positions only -> ``ce`` (N,),
+        ``lse`` (N,), ``index`` (N,); no logits."""
+        h = x[:, :-1].reshape(-1, x.shape[-1])[rows.index] if rows.layout is None else x[0][rows.layout.rows(rows.source)]
+        y = rows.y[rows.index]
+        if rows.groups is not None:
+            ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y, rows.groups, self.spans, self.allowed)
+        else:
+            picked = self.lm_head(self.norm(h)).float()
+            ce, lse = F.cross_entropy(picked, y, reduction="none"), torch.logsumexp(picked, dim=-1)
+        return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=lse, index=rows.index)
+
+    def _logits_and_loss(self, x: torch.Tensor, labels, groups, logits_to_keep: int, logits_span, past_key_values) -> CausalLMOutput:
+        """Logits (B, T or logits_to_keep, V or span width), -inf outside each position's softmax
+        group; the shifted cross-entropy (+ z-loss) against ``labels`` (B, T) when given."""
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = output_logits(self.lm_head, self.norm(x), logits_span)
@@ -179,6 +180,52 @@ class DecoderLM(nn.Module, Pretrained):
         nxt = label_modality[:, 1:]
         group = torch.where(nxt < 0, whole, nxt)
         return torch.where(self.allowed[group, targets[:, 1:]], group, whole)
+
+
+def _positions_and_mask(input_ids: torch.Tensor, positions, attention_mask, prefix_len, past_key_values, cache_position):
+    """(positions (B, T) or (B, T, 2), the self-attention mask) of a forward: over static caches
+    (``cache_position``), or a dynamic-cache or uncached one (positions default to the steps after
+    the cache)."""
+    b, t = input_ids.shape
+    if cache_position is not None:
+        if not past_key_values or not past_key_values[0].static:
+            raise ValueError("cache_position needs static caches: model.new_cache(capacity, static=True)")
+        if positions is None:
+            positions = cache_position[None].expand(b, t)
+        return positions, _static_mask(cache_position, past_key_values[0].capacity, attention_mask)
+    past = past_key_values[0].length if past_key_values else 0
+    if positions is None:
+        positions = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
+    return positions, _mask(b, t, past, attention_mask, prefix_len, input_ids.device)
+
+
+@dataclass
+class _LabelledRows:
+    """Where the ``loss_labels`` path computes its loss. ``y`` (B * (T - 1),): the shifted labels;
+    ``index`` (N,): the labelled ones among them (with softmax groups, ordered by group: ``groups``
+    (N,), sorted); ``source`` (N,): their places in the flattened (B, T) batch; ``layout``: a padded
+    batch's real tokens (every layer but attention runs on them only), or None."""
+
+    y: torch.Tensor
+    index: torch.Tensor
+    groups: torch.Tensor | None
+    source: torch.Tensor
+    layout: Unpadded | None
+
+
+def _labelled_rows(loss_labels: torch.Tensor, t: int, groups: torch.Tensor | None, attention_mask, past_key_values) -> _LabelledRows:
+    """The rows of ``loss_labels`` (B, T = ``t``) that the loss reads; ``groups`` (B, T - 1) or None."""
+    y = loss_labels[:, 1:].reshape(-1)
+    index = (y != IGNORE_INDEX).nonzero()[:, 0]  # into the flattened (B, T - 1) shifted positions
+    picked_groups = None
+    if groups is not None:  # rows of one modality together, for span_cross_entropy
+        picked_groups, order = groups.reshape(-1)[index].sort(stable=True)
+        index = index[order]
+    source = index // (t - 1) * t + index % (t - 1)  # shifted position (b, t) is place b * T + t of the (B, T) batch
+    layout = None
+    if attention_mask is not None and past_key_values is None:  # a padded batch: every layer but attention on real tokens only
+        layout = Unpadded.of(attention_mask, needed=source)
+    return _LabelledRows(y, index, picked_groups, source, layout)
 
 
 def _mask(b: int, t: int, past: int, attention_mask, prefix_len, device):
