@@ -23,7 +23,7 @@ from fourm.config import to_dict
 from fourm.data.loader import LoaderConfig, build_loader
 from fourm.data.shards import MANIFEST
 from fourm.data.synth.generate import GENERATOR_VERSION, generate_dataset
-from fourm.viz import caption_strip, colorize_depth, draw_boxes, grid, overlay, upscale
+from fourm.viz import caption_strip, colorize_depth, draw_boxes, grid, line_chart, overlay, semseg_legend, upscale
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,8 @@ def write_report(out: Path, config: DemoConfig, stages: dict, seconds: float) ->
     if "train" in stages:
         rec = stages["train"]
         lines += ["## Model training", "", f"- {'reused' if rec.get('reused') else str(rec.get('steps')) + ' steps, ' + str(rec.get('tokens')) + ' tokens, ' + str(rec.get('seconds')) + ' s'}; last: {rec.get('last', {})}", ""]
+    if plot_losses(out, out / "samples" / "losses.png"):
+        lines += ["Training losses (tokenizers: their reconstruction loss; the model: its loss and each modality's):", "", "![losses](samples/losses.png)", ""]
     if stages.get("evaluate"):
         from fourm.eval.suite import markdown_report
 
@@ -244,6 +246,48 @@ def write_report(out: Path, config: DemoConfig, stages: dict, seconds: float) ->
         lines += [f"- caption: `{c['pred']}` (true: `{c['true']}`)" for c in rec["captions"]]
         lines += ["", "![rgb to all](samples/rgb_to_all.png)", "", "![caption to rgb](samples/caption_to_rgb.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _smooth(values: list[float], points: int = 200) -> list[tuple[float, float]]:
+    """(step, mean of the values around it) at about ``points`` evenly spaced steps (1-based)."""
+    if not values:
+        return []
+    width = max(1, len(values) // points)
+    return [(i + width, float(np.mean(values[i : i + width]))) for i in range(0, len(values), width)]
+
+
+def plot_losses(out: Path, path: Path) -> bool:
+    """The tokenizers' and the model's training losses against steps as one picture at ``path``
+    (a panel each; log scale); False when no run has left its history yet."""
+    panels, legend = [], ["loss", *MODEL_LOSSES]
+    for name in IMAGE_TOKENIZERS:
+        history = out / "tokenizers" / name / "train_history.json"
+        if history.is_file():
+            losses = json.loads(history.read_text()).get("loss", [])
+            if losses:
+                panels.append({"title": f"{name} tokenizer", "x_max": len(losses), "x_unit": "steps", "log_y": True, "series": [(0, _smooth(losses))]})
+    metrics = out / "train" / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r and "step" in r]
+        if rows:
+            width = max(1, len(rows) // 60)  # logged every few steps: averaged over windows of rows
+            steps = [rows[min(i + width, len(rows)) - 1]["step"] for i in range(0, len(rows), width)]
+
+            def smoothed(key: str) -> list[tuple[float, float]]:
+                values = [r.get(key) for r in rows]
+                means = [np.mean([v for v in values[i : i + width] if v is not None] or [np.nan]) for i in range(0, len(rows), width)]
+                return [(st, float(m)) for st, m in zip(steps, means)]
+
+            series = [(0, smoothed("loss"))] + [(j + 1, smoothed(f"loss/{m}")) for j, m in enumerate(MODEL_LOSSES) if any(f"loss/{m}" in r for r in rows)]
+            panels.append({"title": "model", "x_max": rows[-1]["step"], "x_unit": "steps", "log_y": True, "series": series})
+    if not panels:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(line_chart(panels, legend)).save(path)
+    return True
+
+
+MODEL_LOSSES = ("rgb", "depth", "semseg", "boxes", "caption")
 
 
 def _check_model_kind(config: DemoConfig, out: Path) -> None:
@@ -405,9 +449,14 @@ def stage_samples(config: DemoConfig, out: Path) -> dict:
             draw_boxes(rgb, preds["boxes"][i], s), draw_boxes(rgb, batch["boxes"][i], s),
             caption_strip("pred: " + preds["caption"][i] + "  |  true: " + batch["caption"][i], 3 * 64 * s // 2),
         ])
-    Image.fromarray(grid(rows)).save(samples / "rgb_to_all.png")
+    headers = ["rgb (input)", "depth: model", "depth: true", "semseg: model", "semseg: true", "boxes: model", "boxes: true", "caption: model | true"]
+    picture = grid(rows, headers=headers)
+    classes = json.loads((out / "data" / "val" / MANIFEST).read_text()).get("classes", [])
+    if classes:  # the key to the semseg overlays' colours
+        picture = np.concatenate([picture, semseg_legend(["semseg: " + classes[0], *classes[1:]], picture.shape[1])], 0)
+    Image.fromarray(picture).save(samples / "rgb_to_all.png")
     strip = [[upscale(img.permute(1, 2, 0).numpy(), 2), caption_strip(c, 128)] for img, c in zip(images, batch["caption"])]
-    Image.fromarray(grid(strip)).save(samples / "caption_to_rgb.png")
+    Image.fromarray(grid(strip, headers=["rgb: model", "caption (input)"])).save(samples / "caption_to_rgb.png")
     return {
         "scenes": len(batch["caption"]),
         "seconds": round(seconds, 1),

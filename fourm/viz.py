@@ -83,11 +83,14 @@ def upscale(img: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST))
 
 
-def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+def grid(rows: list[list[np.ndarray]], pad: int = 2, headers: list[str] | None = None) -> np.ndarray:
     """Tile (h, w, 3) uint8 panels into a white-padded grid; each column is as wide as its widest
-    panel, each row as tall as its tallest; panels are top-left aligned in their cell."""
+    panel, each row as tall as its tallest; panels are top-left aligned in their cell. ``headers``:
+    a title above each column (a first row of ``title_strip`` bands)."""
     ncols = max(len(r) for r in rows)
     widths = [max((r[j].shape[1] for r in rows if j < len(r)), default=0) for j in range(ncols)]
+    if headers:
+        rows = [[title_strip(headers[j] if j < len(headers) else "", widths[j]) for j in range(ncols)], *rows]
     heights = [max(p.shape[0] for p in r) for r in rows]
     out = np.full((sum(heights) + pad * (len(rows) + 1), sum(widths) + pad * (ncols + 1), 3), 255, np.uint8)
     y = pad
@@ -124,3 +127,78 @@ def title_strip(text: str, width: int, height: int = 16) -> np.ndarray:
     im = Image.new("RGB", (max(width, 8), height), (235, 235, 235))
     ImageDraw.Draw(im).text((3, 2), text, fill="black", font=ImageFont.load_default())
     return np.asarray(im)
+
+
+def legend_strip(entries: list[tuple[str, tuple[int, int, int]]], width: int, height: int = 18) -> np.ndarray:
+    """A white (h, width, 3) uint8 band of colour swatches, each followed by its name, wrapped onto
+    as many lines as the width needs: the key to a picture's colours (e.g. semseg classes)."""
+    font = ImageFont.load_default()
+    cells = [16 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=font)) + 14 for name, _ in entries]
+    lines, x = 1, 4
+    for w in cells:
+        if x + w > width and x > 4:
+            lines, x = lines + 1, 4
+        x += w
+    im = Image.new("RGB", (width, height * lines), "white")
+    draw = ImageDraw.Draw(im)
+    x, y = 4, 0
+    for (name, colour), w in zip(entries, cells):
+        if x + w > width and x > 4:
+            x, y = 4, y + height
+        draw.rectangle([x, y + 4, x + 11, y + 14], fill=tuple(int(c) for c in colour), outline=(120, 120, 120))
+        draw.text((x + 16, y + 3), name, fill="black", font=font)
+        x += w
+    return np.asarray(im)
+
+
+def semseg_legend(classes: list[str] | tuple[str, ...], width: int, overlay_on: tuple[int, int, int] | None = None) -> np.ndarray:
+    """``legend_strip`` of semseg classes in ``colorize_semseg``'s colours (blended half-way over
+    ``overlay_on``, as ``overlay`` draws them on an image, when given)."""
+    colours = [_PALETTE[i].astype(np.float32) for i in range(len(classes))]
+    if overlay_on is not None:
+        colours = [(c + np.asarray(overlay_on, np.float32)) / 2 for c in colours]
+    return legend_strip([(name, tuple(c.astype(np.uint8))) for name, c in zip(classes, colours)], width)
+
+
+PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (227, 119, 194)]
+
+
+def line_chart(panels: list[dict], legend: list[str], panel: tuple[int, int] = (260, 200)) -> np.ndarray:
+    """Curves as an (H, W, 3) uint8 picture: panels side by side, a legend below.
+
+    Each panel is ``{"title": str, "series": [(legend index, [(x, y), ...]), ...], "x_max": float,
+    "x_unit": str, "log_y": bool (optional)}``; a series is drawn in ``PLOT_COLOURS[legend index]``,
+    points where y is None or not finite are left out; the y range is the data's, labelled."""
+    w, h = panel
+    margin, legend_h = 36, 18 * ((len(legend) + 2) // 3) + 8
+    img = Image.new("RGB", (w * max(1, len(panels)), h + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, pan in enumerate(panels):
+        x0, x_max, log_y = i * w, max(float(pan["x_max"]), 1e-9), bool(pan.get("log_y"))
+        tf = (lambda v: float(np.log10(v))) if log_y else float  # noqa: E731
+        ok = lambda v: v is not None and np.isfinite(v) and (v > 0 or not log_y)  # noqa: E731
+        values = [tf(v) for _, pts in pan["series"] for _, v in pts if ok(v)]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 0.1 else (lo, hi)
+        px = lambda m: x0 + margin + (w - margin - 10) * m / x_max  # noqa: E731
+        py = lambda v: 20 + (h - 20 - margin) * (1 - (tf(v) - lo) / (hi - lo))  # noqa: E731
+        draw.rectangle([px(0), 20, px(x_max), h - margin], outline=(160, 160, 160))
+        draw.text((x0 + margin, 4), pan["title"], fill="black")
+        for v in (lo, hi):
+            shown = 10 ** v if log_y else v
+            draw.text((x0 + 2, 20 + (h - 20 - margin) * (1 - (v - lo) / (hi - lo)) - 6), f"{shown:.2f}" if shown < 100 else f"{shown:.0f}", fill=(90, 90, 90))
+        draw.text((px(0), h - margin + 4), "0", fill=(90, 90, 90))
+        draw.text((px(x_max) - 6 * len(f"{x_max:g} {pan['x_unit']}"), h - margin + 4), f"{x_max:g} {pan['x_unit']}", fill=(90, 90, 90))
+        for j, pts in pan["series"]:
+            xy = [(px(m), py(v)) for m, v in pts if ok(v)]
+            colour = PLOT_COLOURS[j % len(PLOT_COLOURS)]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            if len(xy) <= 12:
+                for x, y in xy:
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for j, name in enumerate(legend):
+        x, y = 8 + (j % 3) * (img.width // 3), h + 4 + 18 * (j // 3)
+        draw.rectangle([x, y + 3, x + 12, y + 11], fill=PLOT_COLOURS[j % len(PLOT_COLOURS)])
+        draw.text((x + 18, y), name, fill="black")
+    return np.asarray(img)

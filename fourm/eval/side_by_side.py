@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from fourm.eval.suite import DIRECTIONS, SECONDARY, TARGETS
 
@@ -172,43 +172,14 @@ def summary_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (227, 119, 194)]
-
-
 def plot_curves(result: dict, path: str | Path, panel: tuple[int, int] = (260, 200)) -> None:
     """A PNG: one panel per direction (its headline figure against training minutes), one colour per
-    arm, one line per seed, labelled axes and a legend."""
-    directions = [d for d in DIRECTIONS if any(d in r["curve"][-1]["figures"] for a in result["arms"].values() for r in a["runs"])]
-    w, h = panel
-    margin, legend_h = 36, 18 * ((len(result["arms"]) + 2) // 3) + 8
-    img = Image.new("RGB", (w * max(1, len(directions)), h + legend_h), "white")
-    draw = ImageDraw.Draw(img)
-    minutes = result["minutes"]
-    for i, d in enumerate(directions):
-        x0, metric = i * w, HEADLINE[d]
-        series = [(j, [(p["minutes"], p["figures"].get(d, {}).get(metric)) for p in r["curve"]]) for j, arm in enumerate(result["arms"].values()) for r in arm["runs"]]
-        values = [v for _, pts in series for _, v in pts if v is not None]
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 0.1 else (lo, hi)
-        px = lambda m: x0 + margin + (w - margin - 10) * m / minutes  # noqa: E731
-        py = lambda v: 20 + (h - 20 - margin) * (1 - (v - lo) / (hi - lo))  # noqa: E731
-        draw.rectangle([px(0), py(hi), px(minutes), py(lo)], outline=(160, 160, 160))
-        draw.text((x0 + margin, 4), f"{d.replace('_', ' ')}: {metric}", fill="black")
-        for v in (lo, hi):
-            draw.text((x0 + 2, py(v) - 6), f"{v:.2f}", fill=(90, 90, 90))
-        draw.text((px(0), h - margin + 4), "0", fill=(90, 90, 90))
-        draw.text((px(minutes) - 40, h - margin + 4), f"{minutes:g} min", fill=(90, 90, 90))
-        for j, pts in series:
-            xy = [(px(m), py(v)) for m, v in pts if v is not None]
-            colour = COLOURS[j % len(COLOURS)]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    for j, name in enumerate(result["arms"]):
-        x, y = 8 + (j % 3) * (img.width // 3), h + 4 + 18 * (j // 3)
-        draw.rectangle([x, y + 3, x + 12, y + 11], fill=COLOURS[j % len(COLOURS)])
-        draw.text((x + 18, y), name, fill="black")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    arm, one line per seed, labelled axes and a legend (``fourm.viz.line_chart``)."""
+    from fourm.viz import line_chart
 
+    directions = [d for d in DIRECTIONS if any(d in r["curve"][-1]["figures"] for a in result["arms"].values() for r in a["runs"])]
+    panels = [{"title": f"{d.replace('_', ' ')}: {HEADLINE[d]}", "x_max": result["minutes"], "x_unit": "min",
+               "series": [(j, [(p["minutes"], p["figures"].get(d, {}).get(HEADLINE[d])) for p in r["curve"]]) for j, arm in enumerate(result["arms"].values()) for r in arm["runs"]]}
+              for d in directions]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(line_chart(panels, list(result["arms"]), panel)).save(path)
