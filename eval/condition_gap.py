@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--targets: name at least one modality other than the source {args.source}")
     unknown = [m for m in [args.source, *targets] if m not in MODALITIES]
     if unknown:
-        raise UsageError(f"--source/--targets: fourm does not know modality {', '.join(repr(m) for m in unknown)}; known: {', '.join(MODALITIES)}")
+        raise UsageError(f"--source/--targets: unknown modality {', '.join(unknown)} (fourm does not know it); known: {', '.join(MODALITIES)}")
     try:
         for flag, modality in [("--source", args.source), *(("--targets", t) for t in targets)]:
             check_modality_held(manifest, args.tokens, modality, f"{flag} asks for {modality!r}")

@@ -70,7 +70,7 @@ def test_the_issues_lora_count_run_on_a_model_is_one_line(token_dir, tmp_path, t
 @pytest.mark.parametrize(("args", "needles"), [
     (["--targets", "count"], ["--targets asks for 'count'", "add_modalities.py", "--add count"]),  # not in the shards' vocabulary
     (["--source", "normals", "--targets", "depth"], ["--source asks for 'normals'", "--add normals"]),
-    (["--targets", "dpeth"], ["does not know", "'dpeth'"]),
+    (["--targets", "dpeth"], ["does not know", "unknown modality dpeth"]),
     (["--targets", "caption", "--zero", "caption"], ["hold no 'caption'", "they hold"]),  # in the vocabulary, no samples
 ])
 def test_condition_gap_names_what_the_shards_lack(token_dir, tmp_path, tiny_model_dir, args, needles):
