@@ -18,21 +18,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fourm.cli import ArgumentParser, UsageError, non_negative_int, positive_int, run, setup_logging, write_json
+from fourm.cli import ArgumentParser, UsageError, non_negative_float, non_negative_int, positive_int, run, setup_logging, write_json
 
 log = logging.getLogger("geneval")
-
-
-def _non_negative_float(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not value >= 0:  # (NaN too)
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
-    return value
 
 
 def main(argv=None) -> int:
@@ -46,8 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=non_negative_int, default=0, help="the prompt set's seed (default 0)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps (default 8)")
-    p.add_argument("--cfg-scale", type=_non_negative_float, default=2.0, help="classifier-free guidance scale (0: none; default 2)")
-    p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="sampling temperature (0: greedy; default 1)")
+    p.add_argument("--cfg-scale", type=non_negative_float, default=2.0, help="classifier-free guidance scale (0: none; default 2)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (0: greedy; default 1)")
     p.add_argument("--top-k", type=non_negative_int, default=50, help="top-k (0: all ids; default 50)")
     p.add_argument("--gen-seed", type=non_negative_int, default=0, help="the sampling seed (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=16)

@@ -248,12 +248,16 @@ def write_report(out: Path, config: DemoConfig, stages: dict, seconds: float) ->
     (out / "report.md").write_text("\n".join(lines))
 
 
-def _smooth(values: list[float], points: int = 200) -> list[tuple[float, float]]:
-    """(step, mean of the values around it) at about ``points`` evenly spaced steps (1-based)."""
-    if not values:
-        return []
-    width = max(1, len(values) // points)
-    return [(i + width, float(np.mean(values[i : i + width]))) for i in range(0, len(values), width)]
+def _smooth(points: list[tuple[float, float | None]], windows: int) -> list[tuple[float, float]]:
+    """About ``windows`` (x, mean y) points of a curve: each window of consecutive points at its
+    last x, its y the mean of the ones present (NaN when none is)."""
+    width = max(1, len(points) // windows)
+    out = []
+    for i in range(0, len(points), width):
+        chunk = points[i : i + width]
+        ys = [y for _, y in chunk if y is not None]
+        out.append((chunk[-1][0], float(np.mean(ys)) if ys else float("nan")))
+    return out
 
 
 def plot_losses(out: Path, path: Path) -> bool:
@@ -265,20 +269,13 @@ def plot_losses(out: Path, path: Path) -> bool:
         if history.is_file():
             losses = json.loads(history.read_text()).get("loss", [])
             if losses:
-                panels.append({"title": f"{name} tokenizer", "x_max": len(losses), "x_unit": "steps", "log_y": True, "series": [(0, _smooth(losses))]})
+                panels.append({"title": f"{name} tokenizer", "x_max": len(losses), "x_unit": "steps", "log_y": True, "series": [(0, _smooth(list(enumerate(losses, 1)), 200))]})
     metrics = out / "train" / "metrics.jsonl"
     if metrics.is_file():
         rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r and "step" in r]
         if rows:
-            width = max(1, len(rows) // 60)  # logged every few steps: averaged over windows of rows
-            steps = [rows[min(i + width, len(rows)) - 1]["step"] for i in range(0, len(rows), width)]
-
-            def smoothed(key: str) -> list[tuple[float, float]]:
-                values = [r.get(key) for r in rows]
-                means = [np.mean([v for v in values[i : i + width] if v is not None] or [np.nan]) for i in range(0, len(rows), width)]
-                return [(st, float(m)) for st, m in zip(steps, means)]
-
-            series = [(0, smoothed("loss"))] + [(j + 1, smoothed(f"loss/{m}")) for j, m in enumerate(MODEL_LOSSES) if any(f"loss/{m}" in r for r in rows)]
+            curve = lambda key: _smooth([(r["step"], r.get(key)) for r in rows], 60)  # noqa: E731 (logged every few steps)
+            series = [(0, curve("loss"))] + [(j + 1, curve(f"loss/{m}")) for j, m in enumerate(MODEL_LOSSES) if any(f"loss/{m}" in r for r in rows)]
             panels.append({"title": "model", "x_max": rows[-1]["step"], "x_unit": "steps", "log_y": True, "series": series})
     if not panels:
         return False
