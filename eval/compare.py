@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     from fourm.training.data import DataSource
     from fourm.training.loop import TrainConfig, train
 
-    judge = load_or_train_segmenter(demo / "judge" / "segmenter.safetensors", demo / "data" / "train", JudgeConfig())
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    judge = load_or_train_segmenter(demo / "judge" / "segmenter.safetensors", demo / "data" / "train", JudgeConfig(), tokenizers=TokenizerSet.from_pretrained(demo / "tokenizers"))
     out = Path(args.out) if args.out else demo / "compare"
     results = {}
     for arm in arms:

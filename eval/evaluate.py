@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--directions", default=None, help=f"comma-separated directions (default: {','.join(DIRECTIONS)}); also {', '.join(EXTRA_DIRECTIONS)} for models that have them")
     args = p.parse_args(argv)
     setup_logging()
-    from fourm.eval.judge import JudgeConfig, load_or_train_segmenter, train_segmenter
+    from fourm.eval.judge import JudgeConfig, load_or_train_segmenter, round_trip_of, train_segmenter
     from fourm.generation.files import open_model
 
     for flag, path in (("--data", args.data), ("--train-data", args.train_data)):
@@ -65,9 +65,9 @@ def main(argv=None) -> int:
     judge = None
     if "caption_to_rgb" in directions:
         if args.judge:
-            judge = load_or_train_segmenter(args.judge, args.train_data, config.judge)
+            judge = load_or_train_segmenter(args.judge, args.train_data, config.judge, tokenizers=tokenizers)
         elif args.train_data:
-            judge = train_segmenter(args.train_data, config.judge)
+            judge = train_segmenter(args.train_data, config.judge, round_trip=round_trip_of(tokenizers))
         if judge is None:
             log.warning("no usable --judge file and no --train-data: caption -> rgb is not judged")
     try:

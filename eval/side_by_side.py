@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     judge = None
     if "caption_to_rgb" in directions:
         from fourm.eval.judge import JudgeConfig, load_or_train_segmenter
+        from fourm.tokenizers.tokenizer_set import TokenizerSet
 
-        judge = load_or_train_segmenter(demo / "judge" / "segmenter.safetensors", demo / "data" / "train", JudgeConfig())
+        judge = load_or_train_segmenter(demo / "judge" / "segmenter.safetensors", demo / "data" / "train", JudgeConfig(), tokenizers=TokenizerSet.from_pretrained(demo / "tokenizers"))
     out = Path(args.out)
     result = run_side_by_side(cfg, arms, out, judge=judge, progress=not args.quiet)
     plot_curves(result, out / "curves.png")

@@ -154,6 +154,27 @@ def test_judge_segmenter_save_load_and_foreign_files(tmp_path, synth_dir):
     assert isinstance(retrained, Segmenter) and isinstance(load_segmenter(tmp_path / "old.safetensors"), Segmenter)
 
 
+def test_the_judge_trains_on_round_trips_of_a_share_of_its_images(synth_dir):
+    from fourm.eval.judge import JudgeConfig, train_segmenter
+
+    seen = []
+
+    def round_trip(images):  # stands in for the rgb tokenizer: records what it was given
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 64, 64)
+        seen.append(len(images))
+        return 255 - images
+
+    train_segmenter(synth_dir, JudgeConfig(steps=12, batch_size=8, width=8, round_trip_share=0.5), progress=False, round_trip=round_trip)
+    # 12 or 13 batches of 8 drawn (the loop may read one past its last step): about half of ~100
+    # images, each batch's own random share
+    assert 20 <= sum(seen) <= 80 and all(0 < n <= 8 for n in seen)
+    seen.clear()
+    train_segmenter(synth_dir, JudgeConfig(steps=4, batch_size=8, width=8, round_trip_share=0.0), progress=False, round_trip=round_trip)
+    assert seen == []
+    with pytest.raises(ValueError, match="round_trip_share must be in"):
+        JudgeConfig(round_trip_share=1.5)
+
+
 def test_predictions_in_one_pass_and_caption_to_rgb_in_steps(monkeypatch, token_dir, synth_dir):
     import fourm.generation.api as api
     from fourm.eval.suite import EvalConfig, evaluate
@@ -181,3 +202,23 @@ def test_predictions_in_one_pass_and_caption_to_rgb_in_steps(monkeypatch, token_
             EvalConfig(**{name: -1})
     with pytest.raises(ValueError, match="rgb_cfg must be >= 0, got nan"):
         EvalConfig(rgb_cfg=float("nan"))
+
+
+def test_train_judge_program_bad_arguments(tmp_path, synth_dir):
+    from conftest import assert_usage_error, run_program
+
+    assert_usage_error(run_program("eval/train_judge.py", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "j.safetensors")), "--data")
+    assert_usage_error(run_program("eval/train_judge.py", "--data", str(synth_dir), "--out", str(tmp_path / "j.pt")), "expected a .safetensors path")
+    assert_usage_error(run_program("eval/train_judge.py", "--data", str(synth_dir), "--out", str(tmp_path / "j.safetensors"), "--round-trip-share", "0.5"), "needs --tokenizers")
+    assert_usage_error(run_program("eval/train_judge.py", "--data", str(synth_dir), "--out", str(tmp_path / "j.safetensors"), "--round-trip-share", "2"), "round_trip_share must be in [0, 1]")
+    assert not (tmp_path / "j.safetensors").exists()
+
+
+def test_train_judge_program_writes_a_loadable_judge(tmp_path, synth_dir, token_dir):
+    from conftest import run_program
+    from fourm.eval.judge import Segmenter, load_segmenter
+
+    out = tmp_path / "judge" / "j.safetensors"
+    proc = run_program("eval/train_judge.py", "--data", str(synth_dir), "--tokenizers", str(token_dir.parent / "tok"), "--out", str(out), "--steps", "3", "--round-trip-share", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert isinstance(load_segmenter(out), Segmenter) and "50% of its images the rgb tokenizer's round trips" in proc.stderr

@@ -42,7 +42,7 @@ from fourm.data.synth.caption import RELATION_PHRASES, make_caption, relation
 from fourm.data.synth.render import RenderResult, object_masks, render_scene
 from fourm.data.synth.scene import COLORS, PLACEMENT_HALF_EXTENT, SHAPES, SIZES, Scene, SceneObject, sample_scene
 from fourm.eval.captions import Mentioned, parse_caption
-from fourm.eval.judge import find_objects, relation_holds, relation_margin
+from fourm.eval.judge import find_objects, relation_holds, relation_margin, round_trip
 
 log = logging.getLogger(__name__)
 
@@ -345,12 +345,6 @@ def true_images(prompts: list[GenevalPrompt]) -> tuple[torch.Tensor, torch.Tenso
     """The prompts' true images (N, 3, R, R) uint8 and the renderer's segmentations (N, R, R)."""
     rgb = torch.from_numpy(np.stack([p.rgb for p in prompts])).permute(0, 3, 1, 2).contiguous()
     return rgb, torch.from_numpy(np.stack([p.semseg for p in prompts]).astype(np.int64))
-
-
-def round_trip(tokenizers, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """The rgb tokenizer's encode -> decode of ``images`` (N, 3, R, R) uint8, as uint8."""
-    parts = [torch.stack(tokenizers.decode("rgb", tokenizers.encode("rgb", images[i : i + batch_size]))) for i in range(0, len(images), batch_size)]
-    return torch.cat(parts).round().clamp(0, 255).to(torch.uint8)
 
 
 def generate_images(model, tokenizers, prompts: list[GenevalPrompt], config=None, batch_size: int = 16, progress: bool = False) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """A GenEval-style judge for caption -> rgb that does not use the model under test.
 
 Shapes come from a small segmenter trained on ground-truth (rgb, semseg) pairs of the training
-split; colours from colour analysis: each connected object region's median colour is matched to
+split, a share of whose images are replaced by the rgb tokenizer's round trips of them (with
+their true labels): what it must read is generated images, which come out of that tokenizer's
+decoder, and one trained on the sharp renders alone misreads the decoded shapes; colours from colour analysis: each connected object region's median colour is matched to
 the CLEVR palette by direction in RGB (so shading, which scales brightness, does not change it).
 A generated image is *correct* for its prompt when every named object is there with its colour,
 the number of objects is the number named, and every stated relation holds (left/right by the
@@ -44,6 +46,9 @@ class JudgeConfig:
     max_minutes: float = 3.5  # the cosine anneals over this when it runs out before ``steps``
     min_pixels: int = 8  # smaller regions are noise, not objects
     seed: int = 0
+    # the share of training images replaced by the rgb tokenizer's round trips of them, when
+    # ``train_segmenter`` is given the round trip
+    round_trip_share: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("width", "steps", "batch_size", "min_pixels"):
@@ -51,6 +56,8 @@ class JudgeConfig:
                 raise ValueError(f"judge {name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.max_minutes > 0):
             raise ValueError(f"judge lr and max_minutes must be > 0, got {self.lr} and {self.max_minutes}")
+        if not 0.0 <= self.round_trip_share <= 1.0:
+            raise ValueError(f"judge round_trip_share must be in [0, 1], got {self.round_trip_share}")
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -81,8 +88,17 @@ class Segmenter(nn.Module):
         return self(rgb_uint8.float() / 255.0).argmax(1)
 
 
-def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool = True) -> Segmenter:
-    """Fit the judge's segmenter to ground truth (rgb, semseg) of ``train_dir``."""
+def round_trip(tokenizers, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The rgb tokenizer's encode -> decode of ``images`` (N, 3, R, R) uint8, as uint8."""
+    with torch.no_grad():
+        parts = [torch.stack(tokenizers.decode("rgb", tokenizers.encode("rgb", images[i : i + batch_size]))) for i in range(0, len(images), batch_size)]
+    return torch.cat(parts).round().clamp(0, 255).to(torch.uint8)
+
+
+def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool = True, round_trip=None) -> Segmenter:
+    """Fit the judge's segmenter to ground truth (rgb, semseg) of ``train_dir``. ``round_trip``:
+    (B, 3, H, W) uint8 -> the rgb tokenizer's encode -> decode of them, uint8; a
+    ``round_trip_share`` of each batch's images (chosen at random) is replaced by it."""
     from tqdm import tqdm
 
     from fourm.data.loader import LoaderConfig, build_loader
@@ -90,11 +106,24 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
     torch.manual_seed(config.seed)
     model = Segmenter(config.width).to(memory_format=torch.channels_last)  # ~17% faster convolutions on CPU
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    rng = torch.Generator().manual_seed(config.seed)
+    share = config.round_trip_share if round_trip is not None else 0.0
+
+    def with_round_trips(batch):
+        swap = torch.rand(len(batch["rgb"]), generator=rng) < share
+        if bool(swap.any()):
+            rgb = batch["rgb"].clone()
+            with torch.no_grad():
+                rgb[swap] = round_trip(rgb[swap])
+            batch = {**batch, "rgb": rgb}
+        return batch
+
     loader, _ = build_loader(train_dir, LoaderConfig(modalities=("rgb", "semseg"), batch_size=config.batch_size, shuffle=500, num_workers=1, seed=config.seed, repeat=True))
     batches = iter(loader)
     first = next(batches, None)
     if first is None:
         raise ValueError(f"{train_dir}: no (rgb, semseg) samples to train the judge's segmenter on")
+    first = with_round_trips(first)
 
     def loss_of(batch):
         logits = model((batch["rgb"].float() / 255.0).contiguous(memory_format=torch.channels_last))
@@ -107,7 +136,7 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
     dtype = choose_autocast("cpu", not torch.cuda.is_available(), f"judge segmenter training step: width {config.width}, batch {config.batch_size}", training_step(model, lambda i: loss_of(first))).dtype
     start, step = time.perf_counter(), 0
     bar = tqdm(total=config.steps, desc="judge segmenter", disable=not progress)
-    for batch in itertools.chain([first], batches):
+    for batch in itertools.chain([first], (with_round_trips(b) for b in batches)):
         elapsed = time.perf_counter() - start
         if step >= config.steps or elapsed > 60 * config.max_minutes:
             break
@@ -124,7 +153,7 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    log.info("judge segmenter: %d steps in %.0f s, last loss %.3f", step, time.perf_counter() - start, loss.item())
+    log.info("judge segmenter: %d steps in %.0f s, last loss %.3f (%s)", step, time.perf_counter() - start, loss.item(), f"{share:.0%} of its images the rgb tokenizer's round trips" if share else "true images only")
     return model.eval()
 
 
@@ -151,9 +180,17 @@ def load_segmenter(path: str | Path) -> Segmenter:
     return model.eval()
 
 
-def load_or_train_segmenter(path: str | Path, train_dir: str | Path | None, config: JudgeConfig) -> Segmenter | None:
-    """The judge at ``path`` if it is there and loadable, else one trained on ``train_dir`` and
-    saved to ``path``; None when neither is possible."""
+def round_trip_of(tokenizers):
+    """``train_segmenter``'s ``round_trip`` from a tokenizer set (None without one or its rgb)."""
+    if tokenizers is None or "rgb" not in tokenizers.modalities:
+        return None
+    return lambda images: round_trip(tokenizers, images)
+
+
+def load_or_train_segmenter(path: str | Path, train_dir: str | Path | None, config: JudgeConfig, tokenizers=None) -> Segmenter | None:
+    """The judge at ``path`` if it is there and loadable, else one trained on ``train_dir`` (with
+    ``tokenizers``' rgb round trips among its images, see ``train_segmenter``) and saved to
+    ``path``; None when neither is possible."""
     path = Path(path)
     if path.is_file():
         try:
@@ -162,7 +199,7 @@ def load_or_train_segmenter(path: str | Path, train_dir: str | Path | None, conf
             log.warning("%s; training a new one", exn)
     if train_dir is None:
         return None
-    model = train_segmenter(train_dir, config)
+    model = train_segmenter(train_dir, config, round_trip=round_trip_of(tokenizers))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_segmenter(model, path)
     return model

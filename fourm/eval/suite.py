@@ -36,7 +36,7 @@ from fourm.data.normals import decode_normals
 from fourm.data.synth.scene import SHAPES
 from fourm.eval.captions import object_counts, object_match, precision_recall_f1, scene_object_counts
 from fourm.eval.detection import coco_map
-from fourm.eval.judge import JudgeConfig, Segmenter, judge_images, summarize
+from fourm.eval.judge import JudgeConfig, Segmenter, judge_images, round_trip, summarize
 from fourm.metrics import depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion
 from fourm.modalities import MODALITIES
 
@@ -213,8 +213,8 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
         # ceiling: the tokenizer alone, encode -> decode of the truth
         report["ceiling"][direction] = score[target](tokenizers.decode(target, tokenizers.encode(target, data[target], image_size=hw), image_size=hw))
     if "rgb" in out:
-        round_trip = torch.stack(tokenizers.decode("rgb", tokenizers.encode("rgb", data["rgb"])))
-        report["ceiling"]["rgb_tokenizer_psnr"] = float(psnr(round_trip.float(), data["rgb"].float()).mean())
+        rgb_round_trip = round_trip(tokenizers, data["rgb"])
+        report["ceiling"]["rgb_tokenizer_psnr"] = float(psnr(rgb_round_trip.float(), data["rgb"].float()).mean())
     report["floor"]["rgb_to_boxes"] = _boxes([[] for _ in range(n)], data["boxes"])
     if train_dir is not None:
         floors = training_floors(train_dir, k, config.baseline_scenes, config.extra_targets)
@@ -232,7 +232,7 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
         report["model"]["caption_to_rgb"] = summarize(judge_images(judge, generated, data["caption"], config.judge.min_pixels))
         # ceiling: the judge on the rgb tokenizer's round trip of the true images (the best a
         # generator of rgb tokens can show it); the judge's own accuracy on the true images apart
-        report["ceiling"]["caption_to_rgb"] = summarize(judge_images(judge, round_trip.clamp(0, 255).to(torch.uint8), data["caption"], config.judge.min_pixels))
+        report["ceiling"]["caption_to_rgb"] = summarize(judge_images(judge, rgb_round_trip, data["caption"], config.judge.min_pixels))
         report["ceiling"]["caption_to_rgb_true_images"] = summarize(judge_images(judge, data["rgb"], data["caption"], config.judge.min_pixels))
         report["floor"]["caption_to_rgb"] = summarize(judge_images(judge, data["rgb"].roll(1, 0), data["caption"], config.judge.min_pixels))
     if GENEVAL in config.directions:

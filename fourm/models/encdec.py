@@ -57,9 +57,18 @@ class EncDecConfig(TransformerConfig):
     # "linear": each patch projected on its own; "conv": stride-2 convolutions over the visible
     # patches put back in place, so a token's feature sees its neighbours' pixels (``pixel_stem.py``)
     pixel_stem: str = "linear"
+    # a dense auxiliary loss on the encoder (deep supervision from labels the shards already hold):
+    # each rgb input token's output predicts the class of every pixel of its patch in the label map
+    # of ``aux_labels`` (e.g. "semseg", ``aux_classes`` classes), a linear head, weight
+    # ``aux_weight`` in the training loss; "" for none. Generation never uses the head.
+    aux_labels: str = ""
+    aux_classes: int = 0
+    aux_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if bool(self.aux_labels) != (self.aux_classes > 0) or self.aux_weight < 0:
+            raise ValueError(f"aux_labels and aux_classes go together (a label modality and its number of classes > 0) and aux_weight must be >= 0, got {self.aux_labels!r}, {self.aux_classes}, {self.aux_weight}")
         if self.pixel_patch < 1 or not 0.0 <= self.pixel_dropout < 1.0:
             raise ValueError(f"pixel_patch must be >= 1 and pixel_dropout in [0, 1), got {self.pixel_patch} and {self.pixel_dropout}")
         if self.pixel_stem not in ("linear", "conv"):
@@ -91,6 +100,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         self.pixel_embed: nn.Module | None = None
         if config.rgb_pixels:
             self.pixel_embed = ConvPixelStem(config.pixel_patch, config.dim) if config.pixel_stem == "conv" else nn.Linear(3 * config.pixel_patch**2, config.dim, bias=False)
+        self.aux_head = nn.Linear(config.dim, config.aux_classes * config.pixel_patch**2) if config.aux_labels else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # per modality, the ids its targets may take and the smallest id span holding them
@@ -228,6 +238,22 @@ class EncoderDecoder(nn.Module, Pretrained):
         ce, lse = span_cross_entropy(self.lm_head, h, y, mods, self.spans, self.allowed)
         return {"ce": ce, "lse": lse, "index": index}
 
+    def dense_aux_loss(self, encoder_out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The dense auxiliary loss (``EncDecConfig.aux_labels``): encoder_out (B, S, dim), labels
+        (B, S, p * p) class ids of each token's patch, -100 where none -> the mean cross-entropy
+        over the labelled pixels (0, still in the graph, where there are none)."""
+        c, n = self.config.aux_classes, self.config.pixel_patch**2
+        rows = (labels != IGNORE_INDEX).any(-1)  # (B, S)
+        if labels.shape[-1] != n:
+            raise ValueError(f"dense labels of {labels.shape[-1]} pixels a token, but this model's patches have {n} ({self.config.pixel_patch}x{self.config.pixel_patch})")
+        y = labels[rows]  # (M, p * p)
+        if bool((y >= c).any()):
+            raise ValueError(f"a {self.config.aux_labels} label {int(y.max())} is outside this model's {c} aux_classes")
+        logits = self.aux_head(encoder_out[rows]).view(-1, n, c).float()  # (M, p * p, C)
+        if not y.numel():
+            return logits.sum() * 0.0 + sum(w.sum() for w in self.aux_head.parameters()) * 0.0
+        return F.cross_entropy(logits.reshape(-1, c), y.reshape(-1), ignore_index=IGNORE_INDEX)
+
     def forward(
         self,
         enc_ids: torch.Tensor,
@@ -243,10 +269,14 @@ class EncoderDecoder(nn.Module, Pretrained):
         loss_labels: torch.Tensor | None = None,
         enc_pixels: torch.Tensor | None = None,
         enc_pixel_mask: torch.Tensor | None = None,
+        enc_dense_labels: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
         """Full pass; ``labels`` (B, T) are the target ids at each decoder position (-100 ignored),
         already aligned (no shift inside): the objective builds the shifted decoder inputs.
         ``enc_pixels``, ``enc_pixel_mask``: the encoder tokens' pixel patches (``encode``).
+        ``enc_dense_labels`` (B, S, p * p): with ``aux_labels``, ``out.aux_loss`` is the dense
+        auxiliary loss times ``aux_weight`` (``dense_aux_loss``; not in ``loss``: the training loop
+        adds it).
 
         ``loss_labels`` (B, T): the training loop's fast path: no logits; instead ``token_losses``
         at the labelled positions (``out.ce``, ``out.lse``, ``out.index``)."""
@@ -254,7 +284,8 @@ class EncoderDecoder(nn.Module, Pretrained):
             enc_layout, dec_layout = Unpadded.of(enc_valid), Unpadded.of(dec_valid, needed=(loss_labels != IGNORE_INDEX).reshape(-1).nonzero()[:, 0])
             enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, enc_layout, enc_pixels, enc_pixel_mask)
             hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True, enc_positions=enc_positions, enc_layout=enc_layout, layout=dec_layout)
-            return Seq2SeqOutput(logits=None, loss=None, encoder_out=enc_layout.pad(enc) if enc_layout is not None else enc, **self.token_losses(hidden, dec_modality, loss_labels, dec_layout))
+            padded = enc_layout.pad(enc) if enc_layout is not None else enc
+            return Seq2SeqOutput(logits=None, loss=None, encoder_out=padded, **self.token_losses(hidden, dec_modality, loss_labels, dec_layout), **self._aux(padded, enc_dense_labels))
         enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, pixels=enc_pixels, pixel_mask=enc_pixel_mask)
         logits = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, enc_positions=enc_positions)
         loss = None
@@ -264,4 +295,11 @@ class EncoderDecoder(nn.Module, Pretrained):
             loss = F.cross_entropy(picked, labels[keep]) if picked.numel() else logits.sum() * 0.0
             if self.config.z_loss and picked.numel():
                 loss = loss + z_loss(picked, self.config.z_loss)  # logsumexp ignores the -inf columns
-        return Seq2SeqOutput(logits=logits, loss=loss, encoder_out=enc)
+        return Seq2SeqOutput(logits=logits, loss=loss, encoder_out=enc, **self._aux(enc, enc_dense_labels))
+
+    def _aux(self, encoder_out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if self.aux_head is None:
+            return {}
+        if labels is None:  # a batch without label maps: DDP still waits for the head's gradient
+            return {"aux_loss": sum(w.sum() for w in self.aux_head.parameters()) * 0.0} if self.training else {}
+        return {"aux_loss": self.config.aux_weight * self.dense_aux_loss(encoder_out, labels)}

@@ -37,6 +37,12 @@ class EncDecExample:
     labels: np.ndarray
     enc_pixels: np.ndarray | None = None  # (S, C) uint8 pixel patch of each encoder token (zeros where none)
     enc_pixel_mask: np.ndarray | None = None  # (S,) bool: the token has its pixel patch
+    # (S, p * p) class ids of each rgb input token's patch of a label map (-100 elsewhere), for the
+    # encoder's dense auxiliary loss (``EncDecConfig.aux_labels``)
+    enc_dense_labels: np.ndarray | None = None
+
+
+DENSE_LABEL_INPUTS = "rgb"  # the input tokens whose patches of a label map the dense auxiliary loss predicts
 
 
 def image_patches(image: np.ndarray, grid: int) -> np.ndarray:
@@ -49,19 +55,23 @@ def image_patches(image: np.ndarray, grid: int) -> np.ndarray:
     return image.reshape(c, grid, p, grid, p).transpose(1, 3, 0, 2, 4).reshape(grid * grid, c * p * p)
 
 
-def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], vocab: SharedVocab, grids: dict[str, int], drop_condition: bool = False, pixels: dict[str, np.ndarray] | None = None) -> EncDecExample:
+def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], vocab: SharedVocab, grids: dict[str, int], drop_condition: bool = False, pixels: dict[str, np.ndarray] | None = None, dense_labels: np.ndarray | None = None) -> EncDecExample:
     """Apply a masking plan (``plan_masking``) to one sample's tokens.
 
     Sequence targets are teacher-forced: decoder input ``[BOS] t0 .. t(L-1)``, labels
     ``t0 .. t(L-1) [EOS]``, causal within the modality. ``pixels``: {image modality: (C, R, R)
     uint8} (the images the tokens were made from): the example then carries each visible token's
     pixel patch (``enc_pixels``, ``enc_pixel_mask``; see ``EncDecConfig.rgb_pixels``); ``{}``
-    gives the fields without any patch.
+    gives the fields without any patch. ``dense_labels``: an (R, R) uint8 class map on the rgb
+    grid (R a multiple of it): the example then carries ``enc_dense_labels``, each rgb input
+    token's patch of it (``np.zeros((0, 0))``: the field, all -100, for a sample without one).
     """
     names = list(vocab.modalities)
     enc = {"ids": [], "mod": [], "pos": []}
     patches = {m: image_patches(img, grids[m]) for m, img in pixels.items() if m in tokens} if pixels is not None else None
     pix: list[tuple[int, np.ndarray]] = []  # (offset of the modality's inputs in the encoder row, their patches)
+    dense: list[tuple[int, np.ndarray]] = []  # the same for the rgb inputs' label patches
+    label_patches = image_patches(dense_labels[None], grids[DENSE_LABEL_INPUTS]) if dense_labels is not None and dense_labels.size else None
     dec = {"ids": [], "mod": [], "pos": [], "causal": [], "labels": []}
     for plan in plans:
         m, mi = plan.name, names.index(plan.name)
@@ -70,6 +80,8 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
             if len(plan.input_idx) and not drop_condition:
                 if patches is not None and m in patches:
                     pix.append((sum(len(a) for a in enc["ids"]), patches[m][plan.input_idx]))
+                if label_patches is not None and m == DENSE_LABEL_INPUTS:
+                    dense.append((sum(len(a) for a in enc["ids"]), label_patches[plan.input_idx]))
                 enc["ids"].append(tokens[m][plan.input_idx])
                 enc["mod"].append(np.full(len(plan.input_idx), mi))
                 enc["pos"].append(grid_positions(plan.input_idx, g))
@@ -104,12 +116,18 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
         enc_pixels, enc_pixel_mask = np.zeros((n, width), np.uint8), np.zeros(n, bool)
         for start, rows in pix:
             enc_pixels[start : start + len(rows)], enc_pixel_mask[start : start + len(rows)] = rows, True
+    enc_dense = None
+    if dense_labels is not None:
+        n = sum(len(a) for a in enc["ids"])
+        enc_dense = np.full((n, label_patches.shape[1] if label_patches is not None else 0), IGNORE_INDEX, np.int64)
+        for start, rows in dense:
+            enc_dense[start : start + len(rows)] = rows
     return EncDecExample(
         enc_ids=cat(enc["ids"], np.int64), enc_modality=cat(enc["mod"], np.int64), enc_positions=np.concatenate(enc["pos"]).astype(np.int64),
         dec_ids=cat(dec["ids"], np.int64), dec_modality=cat(dec["mod"], np.int64),
         dec_positions=np.concatenate(dec["pos"]).astype(np.int64) if dec["pos"] else np.zeros((0, 2), np.int64),
         dec_causal=cat(dec["causal"], bool), labels=cat(dec["labels"], np.int64),
-        enc_pixels=enc_pixels, enc_pixel_mask=enc_pixel_mask,
+        enc_pixels=enc_pixels, enc_pixel_mask=enc_pixel_mask, enc_dense_labels=enc_dense,
     )
 
 
@@ -199,6 +217,7 @@ def collate_encdec(examples: list[EncDecExample], pad_id: int = 0) -> dict[str, 
         "labels": _pad([e.labels for e in examples], IGNORE_INDEX)[0],
         "label_modality": _pad([e.dec_modality for e in examples], -1)[0],
         **_collate_pixels(examples, enc_ids.shape[1]),
+        **_collate_dense_labels(examples, enc_ids.shape[1]),
     }
 
 
@@ -214,6 +233,19 @@ def _collate_pixels(examples: list[EncDecExample], n: int) -> dict[str, torch.Te
             pixels[i, : len(e.enc_pixels), : e.enc_pixels.shape[1]] = torch.from_numpy(e.enc_pixels)
             mask[i, : len(e.enc_pixel_mask)] = torch.from_numpy(e.enc_pixel_mask)
     return {"enc_pixels": pixels, "enc_pixel_mask": mask}
+
+
+def _collate_dense_labels(examples: list[EncDecExample], n: int) -> dict[str, torch.Tensor]:
+    """``enc_dense_labels`` (B, S, p * p) int64, -100 where a token has no label patch, when the
+    examples carry them, else nothing."""
+    width = max((e.enc_dense_labels.shape[1] for e in examples if e.enc_dense_labels is not None), default=-1)
+    if width < 0:
+        return {}
+    out = torch.full((len(examples), n, width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        if e.enc_dense_labels is not None and e.enc_dense_labels.shape[1] == width:
+            out[i, : len(e.enc_dense_labels)] = torch.from_numpy(e.enc_dense_labels)
+    return {"enc_dense_labels": out}
 
 
 def collate_decoder(examples: list[DecoderExample], pad_id: int = 0) -> dict[str, torch.Tensor]:

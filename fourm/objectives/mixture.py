@@ -42,9 +42,9 @@ class ObjectiveConfig:
             raise ValueError("condition_dropout must be in [0, 1)")
 
 
-def make_example(arch: str, tokens: dict[str, np.ndarray], kinds: dict[str, str], vocab: SharedVocab, grids: dict[str, int], cfg: ObjectiveConfig, rng: np.random.Generator, pixels: dict[str, np.ndarray] | None = None) -> tuple[EncDecExample | DecoderExample, str]:
+def make_example(arch: str, tokens: dict[str, np.ndarray], kinds: dict[str, str], vocab: SharedVocab, grids: dict[str, int], cfg: ObjectiveConfig, rng: np.random.Generator, pixels: dict[str, np.ndarray] | None = None, dense_labels: np.ndarray | None = None) -> tuple[EncDecExample | DecoderExample, str]:
     """Draw an objective by weight and build one example; returns it with the objective's name.
-    ``pixels``: the encoder-decoder's pixel inputs (``encdec_example``)."""
+    ``pixels``, ``dense_labels``: the encoder-decoder's pixel inputs and label map (``encdec_example``)."""
     names = list(cfg.weights)
     w = np.array([cfg.weights[n] for n in names], dtype=float)
     objective = names[int(rng.choice(len(names), p=w / w.sum()))]
@@ -55,6 +55,6 @@ def make_example(arch: str, tokens: dict[str, np.ndarray], kinds: dict[str, str]
             plans, _ = plan_masking(rng, tokens, kinds, cfg.masking, sentinels)
         else:
             plans = prefix_plans(tokens, kinds, rng, n_condition=0 if objective == "next_token" else None)
-        return encdec_example(tokens, plans, vocab, grids, drop_condition=drop, pixels=pixels), objective
+        return encdec_example(tokens, plans, vocab, grids, drop_condition=drop, pixels=pixels, dense_labels=dense_labels), objective
     k = 0 if objective == "next_token" else int(rng.integers(1, max(2, len(tokens))))
     return decoder_example(tokens, vocab, grids, rng, n_condition=min(k, len(tokens) - 1), drop_condition=drop), objective

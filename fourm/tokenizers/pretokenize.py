@@ -5,6 +5,8 @@ Each sample of ``OUT/shard-*.tar`` holds ``<modality>.tokens.npy`` (int32 shared
 has and the set can encode (``normals`` and ``count`` too, once the set has them), plus ``meta.json`` (``image_size`` as (H, W) and, for affine depth, the
 per-image ``depth_scale``), and ``rgb.pixels.npy``: the (3, R, R) uint8 image the rgb tokens were
 made from, for models that also read rgb inputs as pixel patches (the manifest's ``pixels``:
+{modality: R}), and ``semseg.labels.npy``: the (R, R) uint8 class map the semseg tokens were made
+from, for a model's dense auxiliary loss (``EncDecConfig.aux_labels``; the manifest's ``labels``:
 {modality: R}). A sample missing a modality keeps the others. ``OUT/manifest.json``
 names the tokenizer set and carries a copy of its vocabulary and the vocabulary's SHA-256.
 """
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 TOKENS_SUFFIX = ".tokens.npy"
 PIXELS_SUFFIX = ".pixels.npy"  # the image a modality's tokens were made from, (C, R, R) uint8
 PIXEL_MODALITIES = ("rgb",)  # kept as pixels too (``EncDecConfig.rgb_pixels`` reads them)
+LABELS_SUFFIX = ".labels.npy"  # the class map a modality's tokens were made from, (R, R) uint8
+LABEL_MODALITIES = ("semseg",)  # kept as class maps too (``EncDecConfig.aux_labels`` reads them)
 PRETOKENIZER_VERSION = "pretokenize/1"
 
 
@@ -46,6 +50,7 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
     out_dir = prepare_output_dir(out, overwrite)
     counts = {m: 0 for m in mods}
     pixel_sizes: dict[str, int] = {}  # modality -> R of its (3, R, R) pixel images
+    label_sizes: dict[str, int] = {}  # modality -> R of its (R, R) class maps
     bar = tqdm(desc="pretokenize", unit="sample", disable=not progress)
     with ShardSink(Path(out_dir), shard_size) as sink:
         for batch in loader:
@@ -64,11 +69,15 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                 if m in tset.images:
                     raw = values[present] if isinstance(values, torch.Tensor) else torch.stack([values[i] for i in present])
                     ids, scale = tset.encode_images(m, raw)
+                    as_labels = m in LABEL_MODALITIES and raw.dim() == 3 and 0 <= int(raw.min()) and int(raw.max()) < 256
                     for j, i in enumerate(present):
                         samples[i][m + TOKENS_SUFFIX] = encode_npy(ids[j].numpy().astype(np.int32))
                         if m in PIXEL_MODALITIES and raw.dtype == torch.uint8:
                             samples[i][m + PIXELS_SUFFIX] = encode_npy(raw[j].numpy())
                             pixel_sizes[m] = int(raw.shape[-1])
+                        if as_labels:
+                            samples[i][m + LABELS_SUFFIX] = encode_npy(raw[j].numpy().astype(np.uint8))
+                            label_sizes[m] = int(raw.shape[-1])
                         if scale is not None:
                             metas[i]["depth_scale"] = [float(v) for v in scale[j]]
                 elif tset.is_text(m):
@@ -97,6 +106,7 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                 "modalities": [m for m in mods if counts[m]],
                 "modality_counts": counts,
                 "pixels": pixel_sizes,
+                "labels": label_sizes,
                 "grids": tset.grids,
                 "vocab_sha256": vocab_sha256(tset),
                 "vocab": tset.vocab.to_json(),

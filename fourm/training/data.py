@@ -39,7 +39,7 @@ from fourm.data.loader import SkipCounter, SkippedSample, flag_truncated_shards
 from fourm.data.shards import expand_shards
 from fourm.objectives.builders import collate_decoder, collate_encdec
 from fourm.objectives.mixture import ObjectiveConfig, make_example
-from fourm.tokenizers.pretokenize import PIXEL_MODALITIES, PIXELS_SUFFIX, TOKENS_SUFFIX
+from fourm.tokenizers.pretokenize import LABELS_SUFFIX, PIXEL_MODALITIES, PIXELS_SUFFIX, TOKENS_SUFFIX
 from fourm.vocab import SharedVocab
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,13 @@ def pixel_sizes(manifest: dict) -> dict[str, int]:
     """From a token-shard manifest: {modality: R} of the (3, R, R) pixel images its shards keep
     (``pretokenize``); empty for shards made before they kept any."""
     sizes = manifest.get("pixels")
+    return {m: int(r) for m, r in sizes.items()} if isinstance(sizes, dict) else {}
+
+
+def label_sizes(manifest: dict) -> dict[str, int]:
+    """From a token-shard manifest: {modality: R} of the (R, R) class maps its shards keep
+    (``pretokenize``); empty for shards made before they kept any."""
+    sizes = manifest.get("labels")
     return {m: int(r) for m, r in sizes.items()} if isinstance(sizes, dict) else {}
 
 
@@ -141,14 +148,33 @@ def decode_pixels(sample: dict, tokens: dict[str, np.ndarray], grids: dict[str, 
     return out
 
 
+def decode_labels(sample: dict, modality: str, grids: dict[str, int]) -> np.ndarray | None:
+    """A token-shard sample's (R, R) uint8 class map of ``modality`` (``pretokenize``'s
+    ``semseg.labels.npy``) on the rgb token grid; None where the sample has none.
+
+    Raises:
+        CorruptMember: a member that does not decode, or not a square map on the rgb grid.
+    """
+    value = sample.get(modality + LABELS_SUFFIX)
+    if value is None:
+        return None
+    name = modality + LABELS_SUFFIX
+    labels = decode_npy(value, name) if isinstance(value, bytes) else value
+    g = grids.get("rgb", 0)
+    if not (isinstance(labels, np.ndarray) and labels.dtype == np.uint8 and labels.ndim == 2 and labels.shape[0] == labels.shape[1] and g and labels.shape[0] % g == 0):
+        raise CorruptMember(name, f"{sample.get('__key__', '?')}: expected an (R, R) uint8 class map on the {g}x{g} rgb grid, got {getattr(labels, 'dtype', type(labels).__name__)} {getattr(labels, 'shape', '')}")
+    return labels
+
+
 class TokenStream(IterableDataset):
     """Endless batches of objective examples from token shards (see the module docstring).
-    ``pixels``: examples also carry the rgb inputs' pixel patches (``EncDecConfig.rgb_pixels``)."""
+    ``pixels``: examples also carry the rgb inputs' pixel patches (``EncDecConfig.rgb_pixels``);
+    ``labels``: a modality whose class maps they carry too (``EncDecConfig.aux_labels``)."""
 
-    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False):
+    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False, labels: str = ""):
         super().__init__()
         self.cfg, self.arch, self.vocab, self.kinds, self.grids, self.objective = cfg, arch, vocab, kinds, grids, objective
-        self.rank, self.world, self.skip, self.pixels = rank, world, skip, pixels
+        self.rank, self.world, self.skip, self.pixels, self.labels = rank, world, skip, pixels, labels
         # local directories, globs and brace patterns; webdataset URLs (pipe:..., https://...)
         # are brace-expanded and handed to webdataset's own opener
         self.sources = [(expand_shards(s.path), s.weight) for s in cfg.sources]
@@ -167,10 +193,13 @@ class TokenStream(IterableDataset):
             try:
                 tokens = decode_tokens(sample, self.vocab, self.kinds, self.grids, modalities, self.skipped)
                 pixels = decode_pixels(sample, tokens, self.grids) if self.pixels else None
+                # a sample without a map still trains, without the auxiliary loss (an empty map)
+                labels = (decode_labels(sample, self.labels, self.grids) if "rgb" in tokens else None) if self.labels else None
+                labels = np.zeros((0, 0), np.uint8) if self.labels and labels is None else labels
             except (CorruptMember, SkippedSample) as exn:
                 self.skipped.record(exn)
                 continue
-            yield sample["__key__"], tokens, pixels
+            yield sample["__key__"], tokens, pixels, labels
 
     def _examples(self, worker: int, workers: int):
         epoch = 0
@@ -184,13 +213,13 @@ class TokenStream(IterableDataset):
                 p = weights * np.array(alive)
                 i = int(pick.choice(len(iters), p=p / p.sum()))
                 try:
-                    key, tokens, pixels = next(iters[i])
+                    key, tokens, pixels, labels = next(iters[i])
                 except StopIteration:
                     alive[i] = False
                     continue
                 rng = np.random.default_rng([self.cfg.seed, epoch, zlib.crc32(key.encode())])
                 try:
-                    example, objective = make_example(self.arch, tokens, self.kinds, self.vocab, self.grids, self.objective, rng, pixels)
+                    example, objective = make_example(self.arch, tokens, self.kinds, self.vocab, self.grids, self.objective, rng, pixels, labels)
                 except Exception as exn:  # the last line of defence: data never stops training
                     self.skipped.record(SkippedSample("other", f"{key}: building the example failed: {type(exn).__name__}: {exn}"))
                     continue

@@ -45,7 +45,7 @@ from fourm.schedule import warmup_cosine
 from fourm.sequence import IGNORE_INDEX
 from fourm.training import checkpoint as ckpt
 from fourm.training import run_dir
-from fourm.training.data import StreamConfig, TokenStream, make_loader, manifest_context, pixel_sizes
+from fourm.training.data import StreamConfig, TokenStream, label_sizes, make_loader, manifest_context, pixel_sizes
 from fourm.training.engine import Engine, end_distributed, init_distributed, load_deepspeed_config
 from fourm.training.optimizers import OptimConfig, make_optimizer
 from fourm.training.shard_check import check_model_vocab, check_shards_fit
@@ -146,6 +146,9 @@ def reduce_token_losses(ce: torch.Tensor, mods: torch.Tensor, lse: torch.Tensor 
     return loss, per_mod
 
 
+AUX_LOSS_KEY = -2  # the dense auxiliary loss (weighted) among the per-modality losses (logged as loss/aux)
+
+
 def model_loss(engine, batch: dict, labels: torch.Tensor, label_modality: torch.Tensor, arch: str, mode: str, z_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
     """Forward + loss of one batch, without (B, T, V) logits: the model's ``loss_labels`` path runs
     the output layer only at labelled positions (the encoder-decoder, and a decoder-only model
@@ -155,7 +158,11 @@ def model_loss(engine, batch: dict, labels: torch.Tensor, label_modality: torch.
     out = engine.forward({**batch, **extra, "loss_labels": labels})
     mods = label_modality.to(out.ce.device)
     mods = (mods[:, 1:] if arch == "decoder" else mods).reshape(-1)[out.index]
-    return reduce_token_losses(out.ce, mods, out.lse, mode, z_weight)
+    loss, per_mod = reduce_token_losses(out.ce, mods, out.lse, mode, z_weight)
+    if out.get("aux_loss") is not None:  # the encoder's dense auxiliary loss (EncDecConfig.aux_labels)
+        loss = loss + out.aux_loss
+        per_mod[AUX_LOSS_KEY] = out.aux_loss
+    return loss, per_mod
 
 
 def _workload_name(cfg: TrainConfig, arch: str, trainable: list[torch.nn.Parameter], world: int) -> str:
@@ -377,7 +384,14 @@ def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedV
             raise ValueError("the model reads rgb inputs as pixels too (rgb_pixels) but the token shards hold no rgb pixels: pretokenize them again (data_pipelines/pretokenize.py keeps rgb.pixels.npy)")
         if size != model_config.pixel_patch * grids["rgb"]:
             raise ValueError(f"the token shards' rgb pixels are {size}x{size} on a {grids['rgb']}x{grids['rgb']} token grid, patches of {size // grids['rgb']} pixels, but the model reads patches of {model_config.pixel_patch}: --set model.pixel_patch={size // grids['rgb']}")
-    return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels)
+    labels = getattr(model_config, "aux_labels", "")
+    if labels:
+        size = label_sizes(manifest).get(labels)
+        if not size:
+            raise ValueError(f"the model's dense auxiliary loss reads {labels} class maps (aux_labels) but the token shards hold none: pretokenize them again (data_pipelines/pretokenize.py keeps {labels}.labels.npy)")
+        if size != model_config.pixel_patch * grids["rgb"]:
+            raise ValueError(f"the token shards' {labels} maps are {size}x{size}, patches of {size // grids['rgb']} pixels on the rgb grid, but the model's aux head predicts patches of {model_config.pixel_patch}")
+    return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels, labels=labels)
 
 
 def _choose_precision(run: _Run, data, resumed_autocast: str | None):
@@ -484,7 +498,8 @@ class _Report:
             loss_value = float(t) / self.run.world
         elapsed = time.perf_counter() - self.window_start
         last = {"step": done.step, "loss": _finite_or_none(loss_value), "lr": lr, "tokens": done.tokens, "tokens_per_s": self.window_tokens / max(elapsed, 1e-9)}
-        last.update({f"loss/{self.names[m]}": _finite_or_none(float(torch.stack(v).mean())) for m, v in mod_losses.items() if 0 <= m < len(self.names)})
+        names = {**dict(enumerate(self.names)), AUX_LOSS_KEY: "aux"}
+        last.update({f"loss/{names[m]}": _finite_or_none(float(torch.stack(v).mean())) for m, v in mod_losses.items() if m in names})
         last.update(_data_counts(self.run.stream, done.bad_steps))
         self.last = last
         self.window_tokens, self.window_start = 0, time.perf_counter()

@@ -1,0 +1,124 @@
+"""The encoder's dense auxiliary loss (``EncDecConfig.aux_labels``): token shards keep the semseg
+class maps, examples carry each rgb input token's patch of them, the model's head predicts them,
+the training loop adds the loss and logs it."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_usage_error, run_program
+from fourm.models.encdec import EncDecConfig, EncoderDecoder
+from fourm.objectives.builders import collate_encdec, encdec_example, image_patches
+from fourm.objectives.masking import MaskingConfig, plan_masking
+from fourm.sequence import IGNORE_INDEX
+from fourm.vocab import SharedVocab
+
+VOCAB = SharedVocab.build({"text": 120, "box_coords": 50, "rgb": 64, "depth": 64, "semseg": 64})
+KINDS = {"rgb": "image", "depth": "image", "semseg": "image", "caption": "sequence", "boxes": "sequence"}
+GRIDS = {"rgb": 4, "depth": 4, "semseg": 4}
+SENTINELS = [VOCAB.sentinel_id(i) for i in range(VOCAB.num_sentinels)]
+
+
+def _tokens(rng):
+    t = {m: np.asarray(VOCAB.to_global(m, torch.as_tensor(rng.integers(0, 64, 16)))) for m in ("rgb", "depth", "semseg")}
+    t["caption"] = np.asarray(VOCAB.to_global("text", torch.as_tensor(rng.integers(0, 120, 6))))
+    return t
+
+
+def test_examples_carry_each_rgb_input_tokens_label_patch():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, (16, 16)).astype(np.uint8)  # 4x4 patches on the 4x4 rgb grid
+    patches = image_patches(labels[None], 4)  # (16, 16)
+    seen_rgb = 0
+    for _ in range(20):
+        toks = _tokens(rng)
+        plans, _ = plan_masking(rng, toks, KINDS, MaskingConfig(input_budget=24, target_budget=24), SENTINELS)
+        ex = encdec_example(toks, plans, VOCAB, GRIDS, dense_labels=labels)
+        assert ex.enc_dense_labels.shape == (len(ex.enc_ids), 16)
+        rgb = ex.enc_modality == list(VOCAB.modalities).index("rgb")
+        plan = next(p for p in plans if p.name == "rgb")
+        np.testing.assert_array_equal(ex.enc_dense_labels[rgb], patches[plan.input_idx])
+        assert (ex.enc_dense_labels[~rgb] == IGNORE_INDEX).all()
+        seen_rgb += int(rgb.sum())
+        # the same example without labels, and one whose sample has no map: the field all -100
+        assert encdec_example(toks, plans, VOCAB, GRIDS).enc_dense_labels is None
+        empty = encdec_example(toks, plans, VOCAB, GRIDS, dense_labels=np.zeros((0, 0), np.uint8))
+        assert empty.enc_dense_labels.shape == (len(ex.enc_ids), 0)
+    assert seen_rgb > 0
+    batch = collate_encdec([ex, encdec_example(toks, plans, VOCAB, GRIDS, dense_labels=labels, drop_condition=True)])
+    assert batch["enc_dense_labels"].shape == (2, batch["enc_ids"].shape[1], 16)
+    assert (batch["enc_dense_labels"][1] == IGNORE_INDEX).all()  # dropped condition: no rgb inputs
+
+
+def _model(**kw) -> EncoderDecoder:
+    from fourm.models.build import config_from_vocab
+
+    torch.manual_seed(0)
+    return EncoderDecoder(EncDecConfig(arch="encdec", dim=32, n_heads=2, n_kv_heads=2, enc_layers=1, dec_layers=1, pixel_patch=4, **config_from_vocab(VOCAB), **kw))
+
+
+def test_the_head_predicts_every_pixel_and_the_loss_is_its_cross_entropy():
+    model = _model(aux_labels="semseg", aux_classes=5, aux_weight=2.0)
+    enc = torch.randn(2, 3, 32)
+    labels = torch.full((2, 3, 16), IGNORE_INDEX)
+    labels[0, 1] = torch.arange(16) % 5
+    labels[1, 2, :8] = 4  # half a patch labelled
+    want = F.cross_entropy(model.aux_head(torch.stack([enc[0, 1], enc[1, 2]])).view(2, 16, 5).reshape(-1, 5), labels[[0, 1], [1, 2]].reshape(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(model.dense_aux_loss(enc, labels), want)
+    torch.testing.assert_close(model._aux(enc, labels)["aux_loss"], 2.0 * want)
+    none = model.dense_aux_loss(enc, torch.full((2, 3, 16), IGNORE_INDEX))
+    none.backward()
+    assert float(none) == 0.0 and model.aux_head.weight.grad is not None
+    with pytest.raises(ValueError, match="outside this model's 5 aux_classes"):
+        model.dense_aux_loss(enc, torch.full((2, 3, 16), 5))
+    with pytest.raises(ValueError, match="patches have 16"):
+        model.dense_aux_loss(enc, torch.zeros(2, 3, 9, dtype=torch.long))
+    assert _model().aux_head is None
+    for bad in ({"aux_labels": "semseg"}, {"aux_classes": 5}, {"aux_labels": "semseg", "aux_classes": 5, "aux_weight": -1.0}):
+        with pytest.raises(ValueError, match="aux_labels and aux_classes go together"):
+            EncDecConfig(arch="encdec", **bad)
+
+
+def test_token_shards_keep_the_semseg_maps(token_dir, synth_dir):
+    from fourm.data.codecs import decode_member
+
+    manifest = json.loads((token_dir / "manifest.json").read_text())
+    assert manifest["labels"] == {"semseg": manifest["pixels"]["rgb"]}
+    shard = sorted(token_dir.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    key = sorted(n for n in members if n.endswith(".semseg.labels.npy"))[0].split(".")[0]
+    labels = np.load(io.BytesIO(members[f"{key}.semseg.labels.npy"]))
+    raw = {}
+    for raw_shard in sorted(synth_dir.glob("*.tar")):
+        with tarfile.open(raw_shard) as tar:
+            for m in tar.getmembers():
+                if m.name == f"{key}.semseg.png":
+                    raw = decode_member("semseg", tar.extractfile(m).read())
+    assert labels.dtype == np.uint8 and np.array_equal(labels, np.asarray(raw))
+
+
+def test_training_with_the_aux_loss_logs_it_and_it_falls(token_dir, tmp_path):
+    out = tmp_path / "aux"
+    tiny = ["--set", "model.dim=64", "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "data.batch_size=8", "--set", "data.shuffle_buffer=16", "--set", "log_every=5", "--quiet"]
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(out), "--max-steps", "40", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "model.aux_labels=semseg", "--set", "model.aux_classes=5", *tiny)
+    assert proc.returncode == 0, proc.stderr
+    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert m[-1]["loss/aux"] < 0.7 * m[0]["loss/aux"]
+    # shards made before they kept the maps: a one-line error naming the fix
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((token_dir / "manifest.json").read_text())
+    manifest.pop("labels")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for shard in token_dir.glob("*.tar"):
+        (old / shard.name).write_bytes(shard.read_bytes())
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(old), "--out", str(tmp_path / "o"), "--max-steps", "2", "--set", "model.aux_labels=semseg", "--set", "model.aux_classes=5", *tiny)
+    assert_usage_error(proc, "hold none: pretokenize them again")
