@@ -48,7 +48,7 @@ class JudgeConfig:
     seed: int = 0
     # the share of training images replaced by the rgb tokenizer's round trips of them, when
     # ``train_segmenter`` is given the round trip
-    round_trip_share: float = 0.5
+    round_trip_share: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("width", "steps", "batch_size", "min_pixels"):
