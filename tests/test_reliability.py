@@ -148,7 +148,7 @@ def test_corrupt_token_shards_are_skipped_by_rule_and_counted(corrupt_tokens):
 
     vocab, grids, kinds = manifest_context(json.loads((corrupt_tokens / "manifest.json").read_text()))
     stream = TokenStream(StreamConfig(sources=[DataSource(str(corrupt_tokens))]), "encdec", vocab, kinds, grids, ObjectiveConfig())
-    seen = {key: tokens for key, tokens, _ in stream._samples(stream.sources[0][0], epoch=0, worker=0, workers=1)}
+    seen = {key: tokens for key, tokens, *_ in stream._samples(stream.sources[0][0], epoch=0, worker=0, workers=1)}
     assert {f"{i:08d}" for i in range(10)} <= set(seen)  # the intact shard is whole
     assert not set(seen) & {f"{i:08d}" for i in (10, 11, 12, 13, 14, 16)}
     assert "caption" not in seen["00000015"] and "rgb" in seen["00000015"]  # repaired, kept

@@ -93,7 +93,7 @@ def test_ranks_and_workers_see_disjoint_samples(token_dir):
     for rank in range(2):
         stream = TokenStream(cfg, "encdec", vocab, {}, manifest["grids"], ObjectiveConfig(), rank=rank, world=2)
         for worker in range(2):
-            seen.append([key for key, _, _ in stream._samples(stream.sources[0][0], epoch=0, worker=worker, workers=2)])
+            seen.append([key for key, *_ in stream._samples(stream.sources[0][0], epoch=0, worker=worker, workers=2)])
     flat = [k for keys in seen for k in keys]
     assert len(flat) == len(set(flat)) == 40 and all(len(k) == 10 for k in seen)
 

@@ -40,6 +40,7 @@ from fourm.data.shards import expand_shards
 from fourm.objectives.builders import collate_decoder, collate_encdec
 from fourm.objectives.mixture import ObjectiveConfig, make_example
 from fourm.tokenizers.pretokenize import LABELS_SUFFIX, PIXEL_MODALITIES, PIXELS_SUFFIX, TOKENS_SUFFIX
+from fourm.training.data_position import LIVE, SAMPLE_IDS, Origin
 from fourm.vocab import SharedVocab
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,12 @@ class TokenStream(IterableDataset):
     ``pixels``: examples also carry the rgb inputs' pixel patches (``EncDecConfig.rgb_pixels``);
     ``labels``: a modality whose class maps they carry too (``EncDecConfig.aux_labels``)."""
 
-    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False, labels: str = ""):
+    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False, labels: str = "", origin: Origin | None = None, positions: bool = False):
         super().__init__()
         self.cfg, self.arch, self.vocab, self.kinds, self.grids, self.objective = cfg, arch, vocab, kinds, grids, objective
         self.rank, self.world, self.skip, self.pixels, self.labels = rank, world, skip, pixels, labels
+        self.origin = origin or Origin()  # the first epoch and the samples passed over (a resharded resume)
+        self.positions = positions  # batches carry their samples' ids and the worker's oldest epoch (``data_position``)
         # local directories, globs and brace patterns; webdataset URLs (pipe:..., https://...)
         # are brace-expanded and handed to webdataset's own opener
         self.sources = [(expand_shards(s.path), s.weight) for s in cfg.sources]
@@ -183,13 +186,23 @@ class TokenStream(IterableDataset):
                 raise FileNotFoundError(f"no token shards at {src.path}")
         self.skipped = SkipCounter()
 
-    def _samples(self, urls: list[str], epoch: int, worker: int, workers: int):
+    def _samples(self, urls: list[str], epoch: int, worker: int, workers: int, source: int = 0):
+        """This worker's samples of one epoch of one source: (key, tokens, pixels, labels, its id
+        (source, epoch, shard, ordinal)); those the origin marks as trained on are passed over."""
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(urls))
         mine = [urls[i] for i in order][self.rank :: self.world][worker::workers]
+        index = {u: i for i, u in enumerate(urls)}
+        ordinals: dict[str, int] = {}
         stream = wds.tarfile_to_samples(handler=self.skipped.record)
         shards = flag_truncated_shards(self.skipped)(iter({"url": u} for u in mine))
         modalities = set(self.cfg.modalities) if self.cfg.modalities else None
         for sample in stream(shards):
+            url = sample.get("__url__", "")
+            ordinal = ordinals[url] = ordinals.get(url, -1) + 1  # its place in the tar, whatever is skipped
+            shard = index.get(url, -1)
+            done = self.origin.excluded.skip_set(source, epoch, shard)
+            if done is not None and ordinal < done.size and done[ordinal]:
+                continue
             try:
                 tokens = decode_tokens(sample, self.vocab, self.kinds, self.grids, modalities, self.skipped)
                 pixels = decode_pixels(sample, tokens, self.grids) if self.pixels else None
@@ -199,12 +212,12 @@ class TokenStream(IterableDataset):
             except (CorruptMember, SkippedSample) as exn:
                 self.skipped.record(exn)
                 continue
-            yield sample["__key__"], tokens, pixels, labels
+            yield sample["__key__"], tokens, pixels, labels, (source, epoch, shard, ordinal)
 
     def _examples(self, worker: int, workers: int):
-        epoch = 0
+        epoch = self.origin.start_epoch
         while True:
-            iters = [self._samples(urls, epoch, worker, workers) for urls, _ in self.sources]
+            iters = [self._samples(urls, epoch, worker, workers, i) for i, (urls, _) in enumerate(self.sources)]
             weights = np.array([w for _, w in self.sources], dtype=float)
             pick = np.random.default_rng([self.cfg.seed, epoch, 1_000_003 + worker])
             alive = [True] * len(iters)
@@ -213,7 +226,7 @@ class TokenStream(IterableDataset):
                 p = weights * np.array(alive)
                 i = int(pick.choice(len(iters), p=p / p.sum()))
                 try:
-                    key, tokens, pixels, labels = next(iters[i])
+                    key, tokens, pixels, labels, sample_id = next(iters[i])
                 except StopIteration:
                     alive[i] = False
                     continue
@@ -224,8 +237,8 @@ class TokenStream(IterableDataset):
                     self.skipped.record(SkippedSample("other", f"{key}: building the example failed: {type(exn).__name__}: {exn}"))
                     continue
                 produced += 1
-                yield example
-            if produced == 0:
+                yield example, sample_id
+            if produced == 0 and epoch not in self.origin.excluded.epochs():  # a resharded epoch may leave a worker nothing
                 log.warning("rank %d worker %d has no shards (fewer shards than ranks x workers)", self.rank, worker)
                 return
             epoch += 1
@@ -240,16 +253,26 @@ class TokenStream(IterableDataset):
         n_batches = 0
         # this worker's share of the batches to skip (the DataLoader takes batches round-robin)
         skip = self.skip // workers + (1 if worker < self.skip % workers else 0)
-        for example in self._examples(worker, workers):
-            buf.append(example)
+        for item in self._examples(worker, workers):
+            buf.append(item)
             if len(buf) < self.cfg.shuffle_buffer:
                 continue
             batch.append(buf.pop(int(shuffle.integers(len(buf)))))
             if len(batch) == self.cfg.batch_size:
                 n_batches += 1
                 if n_batches > skip:
-                    yield collate(batch, self.vocab.pad_id)
+                    out = collate([example for example, _ in batch], self.vocab.pad_id)
+                    if self.positions:
+                        self._mark(out, batch, buf, worker, item[1][1])
+                    yield out
                 batch = []
+
+    @staticmethod
+    def _mark(out: dict, batch: list, buf: list, worker: int, reading: int) -> None:
+        """Add the batch's sample ids and the oldest epoch its worker still holds (the one it reads,
+        or one in its shuffle buffer): every sample of an older epoch has left the worker."""
+        out[SAMPLE_IDS] = torch.tensor([sample_id for _, sample_id in batch], dtype=torch.int64)
+        out[LIVE] = torch.tensor([worker, min([reading] + [sample_id[1] for _, sample_id in buf])], dtype=torch.int64)
 
 
 def make_loader(stream: TokenStream) -> torch.utils.data.DataLoader:

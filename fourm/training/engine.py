@@ -261,9 +261,10 @@ class Engine:
             save_file({k: v.detach().contiguous() for k, v in self.module.state_dict().items()}, str(directory / "model.safetensors"))
             optimizer_to_files(self.optimizer, directory)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, universal: bool = False) -> None:
         """Weights and optimizer state from a checkpoint; ValueError (naming the first difference)
-        when its tensors do not fit this model."""
+        when its tensors do not fit this model. ``universal``: through DeepSpeed's universal form
+        of it (``reshard.universal_checkpoint``; the engine was built with ``load_universal``)."""
         hint = "resume with the model config the run started with"
         if self.ds is None:
             load_fitting(self.module, load_file(str(directory / "model.safetensors"), device=str(self.device)), f"checkpoint {directory} does not fit the model", hint=hint)
@@ -271,7 +272,7 @@ class Engine:
             return
         try:
             with weights_only_torch_load():
-                self.ds.load_checkpoint(str(directory / "ds"), tag="state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
+                self.ds.load_checkpoint(str(directory / "ds"), tag="state_universal" if universal else "state", load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False)
         except RuntimeError as exn:  # DeepSpeed's own loading: its error text is all there is to go by
             lines = [line.strip() for line in str(exn).splitlines() if line.strip()]
             if not lines or "state_dict" not in lines[0]:

@@ -37,15 +37,17 @@ from tqdm import tqdm
 
 from fourm.config import to_dict
 from fourm.data.shards import write_text_atomic
-from fourm.models.build import build_model, save_pretrained
+from fourm.models.build import build_model
 from fourm.models.grow import load_for_vocab
 from fourm.models.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.schedule import warmup_cosine
 from fourm.sequence import IGNORE_INDEX
 from fourm.training import checkpoint as ckpt
-from fourm.training import run_dir
+from fourm.training import reshard, run_dir
+from fourm.training.consolidate import write_model_dir
 from fourm.training.data import StreamConfig, TokenStream, label_sizes, make_loader, manifest_context, pixel_sizes
+from fourm.training.data_position import LIVE, SAMPLE_IDS, DataPosition, Origin, resumed_position
 from fourm.training.engine import Engine, end_distributed, init_distributed, load_deepspeed_config
 from fourm.training.optimizers import OptimConfig, make_optimizer
 from fourm.training.shard_check import check_model_vocab, check_shards_fit
@@ -181,7 +183,7 @@ def _probe_step(engine: Engine, batches: list[dict], arch: str, mode: str, z_wei
 
     def loss_of(i: int) -> torch.Tensor:
         batch = batches[i % len(batches)]
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_modality")}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_modality", SAMPLE_IDS, LIVE)}
         return model_loss(bare, inputs, batch["labels"], batch["label_modality"], arch, mode, z_weight)[0]
 
     return training_step(engine.module, loss_of, engine.device.type)
@@ -253,6 +255,8 @@ class _Run:
     param_bytes: list[int]
     stream: TokenStream
     z_weight: float
+    position: DataPosition = field(default_factory=lambda: DataPosition(Origin()))
+    layout: reshard.Layout = field(default_factory=reshard.Layout)
 
 
 def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bool, progress: bool) -> dict:
@@ -279,7 +283,7 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
             if diverged:
                 raise TrainingDiverged(f"{done.bad_in_row} steps in a row (max_bad_steps) had a non-finite loss or gradient, the last at step {done.step}: lower optim.lr or check the data; checkpoint {ckpt.checkpoint_dir(out, done.step)}")
         if done.step % cfg.ckpt_every and done.step != cfg.max_steps:  # stopped by tokens or time
-            _save_checkpoint(run.engine, out, done, cfg)
+            _save_checkpoint(run, done)
     finally:
         report.close()
     return _finish(run, done, report.last, start_time, start_step)
@@ -311,6 +315,8 @@ def _set_up(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: b
         raise ValueError("optim.name=muon runs on one process or under DDP; DeepSpeed steps its own optimizer: use optim.name=adamw there")
     optimizer = make_optimizer(model, cfg.optim, fused=kind != "deepspeed")
     ds_cfg = load_deepspeed_config(deepspeed_config, cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip, run_dir=out) if deepspeed_config else None
+    layout = reshard.Layout(kind, int((ds_cfg or {}).get("zero_optimization", {}).get("stage", 0)), world, cfg.data.batch_size, cfg.optim.grad_accum, cfg.data.num_workers, cfg.data.shuffle_buffer)
+    plan = _plan_resume(latest, layout, ds_cfg, rank) if latest is not None else None
     engine = Engine(model, optimizer, kind, bf16=cfg.bf16, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing, deepspeed_config=ds_cfg)
 
     param_bytes = [engine.parameter_bytes()]
@@ -319,12 +325,30 @@ def _set_up(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: b
         dist.all_gather_object(param_bytes, engine.parameter_bytes())
     if engine.is_main:
         log.info("parameters per rank: %s MB", ", ".join(f"{b / 2**20:.1f}" for b in param_bytes))
-    done = _resume(engine, latest, rank, out) if resume else _Progress()
+    done = _resume(engine, latest, rank, out, plan) if resume else _Progress()
+    state = ckpt.read_state(latest) if latest is not None else {}
+    position = resumed_position(latest, state["data"], plan.reshard, done.batches) if "data" in state else DataPosition(Origin())
     if engine.is_main:
         _write_run_files(cfg, out, spec, done.step)
-    stream = _token_stream(cfg, model.config, manifest, vocab, kinds, grids, rank, world, done.batches)
-    run = _Run(cfg, out, world, kind, manifest, vocab, base_vocab, engine, model.config.arch, trainable, param_bytes, stream, getattr(model.config, "z_loss", 0.0))
+        if plan is not None:
+            plan.log_choice(done.step, done.tokens, lr_at(done.step, cfg.optim, cfg.max_steps))
+    stream = _token_stream(cfg, model.config, manifest, vocab, kinds, grids, rank, world, done.batches - position.origin.batches, position.origin)
+    run = _Run(cfg, out, world, kind, manifest, vocab, base_vocab, engine, model.config.arch, trainable, param_bytes, stream, getattr(model.config, "z_loss", 0.0), position, layout)
     return run, done
+
+
+def _plan_resume(latest: Path, layout: reshard.Layout, ds_cfg: dict | None, rank: int) -> reshard.ResumePlan:
+    """How the run resumes from checkpoint ``latest`` on ``layout`` (``reshard.plan_resume``); a
+    DeepSpeed checkpoint of another world size is converted to the universal form first (rank 0,
+    the others waiting) and ``ds_cfg`` told to load that."""
+    plan = reshard.plan_resume(ckpt.read_state(latest), layout, latest)
+    if plan.universal:
+        ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
+        if rank == 0:
+            reshard.universal_checkpoint(latest / "ds")
+        if dist.is_initialized():
+            dist.barrier()
+    return plan
 
 
 def _model(cfg: TrainConfig, out: Path, vocab: SharedVocab, resuming: bool, deepspeed_config: str | None) -> tuple[torch.nn.Module, SharedVocab, dict | None]:
@@ -348,7 +372,7 @@ def _model(cfg: TrainConfig, out: Path, vocab: SharedVocab, resuming: bool, deep
     return model, base_vocab, spec
 
 
-def _resume(engine: Engine, latest: Path | None, rank: int, out: Path) -> _Progress:
+def _resume(engine: Engine, latest: Path | None, rank: int, out: Path, plan: reshard.ResumePlan | None) -> _Progress:
     """The counts of checkpoint ``latest``, whose weights, optimizer state and RNG are loaded; fresh
     counts when ``out`` holds no checkpoint."""
     if latest is None:
@@ -356,8 +380,8 @@ def _resume(engine: Engine, latest: Path | None, rank: int, out: Path) -> _Progr
             log.info("--resume: no checkpoint in %s, starting fresh", out)
         return _Progress()
     state = ckpt.read_state(latest)
-    engine.load(latest)
-    ckpt.load_rng(latest, rank)
+    engine.load(latest, universal=plan.universal)
+    ckpt.load_rng(latest, rank)  # a rank the checkpoint did not have keeps its seeded state
     done = _Progress(state["step"], state["tokens"], state["batches_per_rank"], state.get("bad_steps", 0), state.get("bad_in_row", 0), state.get("autocast"))
     if engine.is_main:
         log.info("resuming from %s (step %d)", latest, done.step)
@@ -374,8 +398,8 @@ def _write_run_files(cfg: TrainConfig, out: Path, spec: dict | None, step: int) 
         log.info("metrics.jsonl: %d records after step %d dropped (they are done again)", dropped, step)
 
 
-def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], rank: int, world: int, skip: int) -> TokenStream:
-    """This rank's examples, the first ``skip`` batches (done before a resume) skipped; rgb pixels
+def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], rank: int, world: int, skip: int, origin: Origin) -> TokenStream:
+    """This rank's examples from ``origin``, the first ``skip`` batches (done before a resume) skipped; rgb pixels
     too for a model that reads them, once the shards' pixels fit its patches."""
     pixels = bool(getattr(model_config, "rgb_pixels", False))
     if pixels:
@@ -391,7 +415,7 @@ def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedV
             raise ValueError(f"the model's dense auxiliary loss reads {labels} class maps (aux_labels) but the token shards hold none: pretokenize them again (data_pipelines/pretokenize.py keeps {labels}.labels.npy)")
         if size != model_config.pixel_patch * grids["rgb"]:
             raise ValueError(f"the token shards' {labels} maps are {size}x{size}, patches of {size // grids['rgb']} pixels on the rgb grid, but the model's aux head predicts patches of {model_config.pixel_patch}")
-    return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels, labels=labels)
+    return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels, labels=labels, origin=origin, positions=True)
 
 
 def _choose_precision(run: _Run, data, resumed_autocast: str | None):
@@ -443,6 +467,7 @@ def _train_step(run: _Run, done: _Progress, data, faults: set[int]) -> tuple[lis
         if batch is None:
             raise ValueError(f"the training data ran out: no usable samples left (skipped: {run.stream.skipped.report()})")
         done.batches += 1
+        run.position.record(batch, done.step + 1)
         label_modality = batch.pop("label_modality")
         labels = batch.pop("labels")
         n_tok = _count_tokens(batch)
@@ -532,7 +557,7 @@ def _save_due(run: _Run, done: _Progress, tf: float, diverged: bool, next_snapsh
         _save_snapshot(run.engine, run.out, run.vocab, run.manifest, cfg, run.base_vocab, {"step": done.step, "tokens": done.tokens, "minutes": round(tf * cfg.max_minutes, 3)})
         next_snapshot += cfg.snapshot_every_minutes
     if done.step % cfg.ckpt_every == 0 or done.step == cfg.max_steps or diverged:
-        _save_checkpoint(run.engine, run.out, done, cfg)
+        _save_checkpoint(run, done)
     return next_snapshot
 
 
@@ -585,10 +610,10 @@ def _tensorboard(out: Path, purge_step: int):
     return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
-def _save_checkpoint(engine: Engine, out: Path, done: _Progress, cfg: TrainConfig) -> None:
-    """``OUT/checkpoints/step-N``: every rank's share, its RNG, and the counts; published (renamed
-    into place, old ones pruned) once complete."""
-    step = done.step
+def _save_checkpoint(run: _Run, done: _Progress) -> None:
+    """``OUT/checkpoints/step-N``: every rank's share, its RNG, the counts, the layout and the data
+    position; published (renamed into place, old ones pruned) once complete."""
+    engine, out, cfg, step = run.engine, run.out, run.cfg, done.step
     tmp, final = ckpt.temp_dir(out, step), ckpt.checkpoint_dir(out, step)
     if engine.is_main:
         if tmp.exists():  # left by a killed run
@@ -597,10 +622,11 @@ def _save_checkpoint(engine: Engine, out: Path, done: _Progress, cfg: TrainConfi
     engine.barrier()
     engine.save(tmp)
     ckpt.save_rng(tmp, engine.rank)
+    data = run.position.save(tmp, cfg.data.num_workers, engine.is_main)
     engine.barrier()
     if engine.is_main:
         autocast = next(name for name, dtype in AUTOCAST_NAMES.items() if dtype is engine.autocast_dtype)
-        ckpt.write_state(tmp, {"step": step, "tokens": done.tokens, "batches_per_rank": done.batches, "world": engine.world, "engine": engine.kind, "autocast": autocast, **done.counters()})
+        ckpt.write_state(tmp, {"step": step, "tokens": done.tokens, "batches_per_rank": done.batches, "world": engine.world, "engine": engine.kind, "autocast": autocast, **done.counters(), "layout": run.layout.as_dict(), "data": data})
         ckpt.publish(tmp, final, cfg.keep_checkpoints)
     engine.barrier()
 
@@ -639,8 +665,6 @@ def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, c
     if engine.is_main:
         model = type(engine.module)(engine.module.config)
         model.load_state_dict(state)
-        save_pretrained(model, tmp, vocab=vocab)
-        (tmp / "tokenizers.json").write_text(json.dumps({"tokenizers": manifest.get("tokenizers")}) + "\n")
-        ckpt.replace_dir(tmp, target)
+        write_model_dir(model, tmp, target, vocab, manifest.get("tokenizers"))
         log.info("model written to %s", target)
     engine.barrier()
