@@ -2,7 +2,7 @@
 batch size or gradient accumulation, and consolidated for inference; for real on CPU ranks (gloo,
 DeepSpeed with DS_ACCELERATOR=cpu), with the tiniest model.
 
-Run as a program (``python tests/test_scale_out.py resave OUT DEST [--deepspeed JSON] [--set ...]``,
+Run as a program (``python tests/test_scale_out.py resave OUT DEST --data DIR [--deepspeed JSON]``,
 under torchrun for several ranks) it resumes ``OUT`` and, without training, writes the checkpoint
 it loaded into ``DEST``: what a rank holds after loading, to compare with what was saved.
 """
@@ -77,7 +77,8 @@ def _universal_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     state = {}
     for param in sorted(p for p in root.iterdir() if p.is_dir()):
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            state[f"{param.name}.{key}"] = torch.load(param / f"{key}.pt", weights_only=True)["param"]
+            saved = torch.load(param / f"{key}.pt", weights_only=True)
+            state[f"{param.name}.{key}"] = saved["param"] if isinstance(saved, dict) else saved
     return state
 
 
@@ -211,27 +212,31 @@ def test_resume_twice_equals_an_uninterrupted_run(token_dir, tmp_path, monkeypat
 
 
 def test_resume_with_another_batch_size_and_accumulation(token_dir, tmp_path, monkeypatch, caplog):
-    """Batch 4 for 4 steps, then batch 2 with accumulation 2 (the same samples a step): allowed,
-    the choice logged; steps go on from 5, the learning rate is the schedule's at each step, tokens
+    """Batch 4 for 4 steps, then batch 2 with accumulation 2 (the same samples a step) to step 14:
+    allowed, the choice logged; steps go on from 5, the learning rate is the schedule's at each step, tokens
     keep counting, and the resharded stream trains no sample of the epoch twice."""
     import logging
 
+    from fourm.training.loop import _save_due as save_due
     from fourm.training.loop import lr_at, train
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("FOURM_SAMPLE_LOG", str(tmp_path / "samples"))
-    train(_loop_cfg(token_dir, "max_steps=4"), tmp_path / "run", progress=False)
+    _kill_after(monkeypatch, save_due, 4)  # stopped at its step-4 checkpoint, in a run of 14 steps
+    with pytest.raises(_Killed):
+        train(_loop_cfg(token_dir, "max_steps=14"), tmp_path / "run", progress=False)
+    _kill_after(monkeypatch, save_due, -1)
     with caplog.at_level(logging.INFO):
-        cfg = _loop_cfg(token_dir, "max_steps=10", "data.batch_size=2", "optim.grad_accum=2")
+        cfg = _loop_cfg(token_dir, "max_steps=14", "data.batch_size=2", "optim.grad_accum=2")
         train(cfg, tmp_path / "run", resume=True, progress=False)
     text = caplog.text
     assert "batch_size 4 -> 2" in text and "grad_accum 1 -> 2" in text and "learning-rate schedule goes on by step" in text and "resharded" in text
     m = _metrics(tmp_path / "run")
-    assert [r["step"] for r in m] == list(range(1, 11))
+    assert [r["step"] for r in m] == list(range(1, 15))
     assert all(r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg.optim, cfg.max_steps)) for r in m)
     assert all(b["tokens"] > a["tokens"] for a, b in zip(m, m[1:]))
     rows = _samples(tmp_path / "samples")
-    assert len(rows) == 4 * 4 + 6 * 4
+    assert len(rows) == 4 * 4 + 10 * 4
     epoch0 = [r[1:] for r in rows if r[2] == 0]
     assert len(epoch0) == len(set(epoch0)) == SAMPLES
 
@@ -268,7 +273,7 @@ def test_consolidate_a_zero3_checkpoint_for_inference(zero3_run, tmp_path, dtype
 
 
 def _resave_main(argv: list[str]) -> int:
-    """``resave OUT DEST [--deepspeed JSON] [--data DIR]``: resume OUT on this world size and write the
+    """``resave OUT DEST --data DIR [--deepspeed JSON] [--set KEY=VALUE ...]``: resume OUT on this world size and write the
     loaded state as a checkpoint under DEST, without a step."""
     import argparse
     import dataclasses
@@ -285,10 +290,11 @@ def _resave_main(argv: list[str]) -> int:
     p.add_argument("dest")
     p.add_argument("--deepspeed", default=None)
     p.add_argument("--data", required=True)
+    p.add_argument("--set", dest="sets", action="append", default=[])
     args = p.parse_args(argv)
     setup_logging()
     os.chdir(REPO)
-    cfg = load_config(loop.TrainConfig, REPO / CONFIG, SETS)
+    cfg = load_config(loop.TrainConfig, REPO / CONFIG, [*SETS, *args.sets])
     cfg.data.sources = [DataSource(path=args.data)]
     run, done = loop._set_up(cfg, Path(args.out), args.deepspeed, resume=True)
     loop._save_checkpoint(dataclasses.replace(run, out=Path(args.dest)), done)

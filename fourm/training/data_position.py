@@ -139,17 +139,18 @@ class DataPosition:
         """Every rank calls this: the union over ranks of the samples trained on (with the origin's)
         into ``directory`` (rank 0 writes it); returns the record for ``state.json``."""
         oldest = min([self.live.get(w, self.floor) for w in range(max(workers, 1))])
-        parts: list = [(self.mine.bits, oldest)]
+        packed = {k: (np.packbits(v), v.size) for k, v in self.mine.bits.items()}  # 1 bit a sample on the wire
+        parts: list = [(packed, oldest)]
         if dist.is_initialized():
             parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (self.mine.bits, oldest))
+            dist.all_gather_object(parts, (packed, oldest))
         complete_below = min(p[1] for p in parts)
         self.mine.drop_before(complete_below)  # what every worker finished is not needed again
         if not is_main:
             return {}
         self.trained.drop_before(complete_below)
         union = Consumed({k: v.copy() for k, v in self.trained.bits.items()})
-        repeats = sum(union.union(Consumed(bits)) for bits, _ in parts)
+        repeats = sum(union.union(Consumed({k: np.unpackbits(p)[:n].astype(bool) for k, (p, n) in bits.items()})) for bits, _ in parts)
         if repeats:
             log.warning("data position: %d samples were trained on twice in one epoch", repeats)
         union.drop_before(complete_below)
