@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fourm.models.build import save_pretrained
+
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
@@ -100,6 +102,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     _fsync_dir(final.parent)
 
+
+
+def write_model_dir(model: torch.nn.Module, tmp: Path, target: Path, vocab, tokenizers) -> None:
+    """``model`` as a ``from_pretrained`` directory at ``target``, with ``tokenizers.json`` naming the
+    tokenizer set: written into ``tmp`` and renamed into place when complete."""
+    save_pretrained(model, tmp, vocab=vocab)
+    (tmp / "tokenizers.json").write_text(json.dumps({"tokenizers": tokenizers}) + "\n")
+    replace_dir(tmp, target)
 
 def publish(tmp: Path, final: Path, keep: int) -> None:
     """Rename a finished temp checkpoint into place; keep the newest ``keep`` complete ones (all when

@@ -20,21 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fourm.models.build import save_pretrained
 from fourm.training import checkpoint as ckpt
-from fourm.vocab import SharedVocab
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def write_model_dir(model: torch.nn.Module, tmp: Path, target: Path, vocab: SharedVocab, tokenizers) -> None:
-    """``model`` as a ``from_pretrained`` directory at ``target``, with ``tokenizers.json`` naming the
-    tokenizer set: written into ``tmp`` and renamed into place when complete."""
-    save_pretrained(model, tmp, vocab=vocab)
-    (tmp / "tokenizers.json").write_text(json.dumps({"tokenizers": tokenizers}) + "\n")
-    ckpt.replace_dir(tmp, target)
 
 
 def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -77,5 +67,5 @@ def consolidate(checkpoint: Path, out: Path, dtype: str = "fp32") -> None:
     model.to(DTYPES[dtype])
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(model, tmp, out, vocab, manifest.get("tokenizers"))
+    ckpt.write_model_dir(model, tmp, out, vocab, manifest.get("tokenizers"))
     log.info("%s (step %d) written to %s in %s", checkpoint, ckpt.read_state(checkpoint)["step"], out, dtype)

@@ -45,7 +45,6 @@ from fourm.schedule import warmup_cosine
 from fourm.sequence import IGNORE_INDEX
 from fourm.training import checkpoint as ckpt
 from fourm.training import reshard, run_dir
-from fourm.training.consolidate import write_model_dir
 from fourm.training.data import StreamConfig, TokenStream, label_sizes, make_loader, manifest_context, pixel_sizes
 from fourm.training.data_position import LIVE, SAMPLE_IDS, DataPosition, Origin, resumed_position
 from fourm.training.engine import Engine, end_distributed, init_distributed, load_deepspeed_config
@@ -665,6 +664,6 @@ def _save_final(engine: Engine, out: Path, vocab: SharedVocab, manifest: dict, c
     if engine.is_main:
         model = type(engine.module)(engine.module.config)
         model.load_state_dict(state)
-        write_model_dir(model, tmp, target, vocab, manifest.get("tokenizers"))
+        ckpt.write_model_dir(model, tmp, target, vocab, manifest.get("tokenizers"))
         log.info("model written to %s", target)
     engine.barrier()
