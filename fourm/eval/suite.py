@@ -53,7 +53,7 @@ class EvalConfig:
     batch_size: int = 16
     steps: int = 8  # MaskGIT steps of caption -> rgb (sampled)
     # MaskGIT steps of the greedy rgb -> image-like directions (depth, semseg, normals); 1: every
-    # token in one pass. On the demo's model (/tmp/d36) 1 step beat 4, 8 and 16 (mIoU 0.472 / 0.465
+    # token in one pass. On a 30-minute demo's model 1 step beat 4, 8 and 16 (mIoU 0.472 / 0.465
     # / 0.454 / 0.448, AbsRel 0.044 / 0.046 / 0.046 / 0.046): a prediction has one answer, and fixing
     # early guesses first conditions the rest on their errors
     predict_steps: int = 1
