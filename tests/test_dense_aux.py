@@ -47,14 +47,15 @@ def test_examples_carry_each_rgb_input_tokens_label_patch():
         np.testing.assert_array_equal(ex.enc_dense_labels[rgb], patches[plan.input_idx])
         assert (ex.enc_dense_labels[~rgb] == IGNORE_INDEX).all()
         seen_rgb += int(rgb.sum())
-        # the same example without labels, and one whose sample has no map: the field all -100
+        # a sample without a map: no field
         assert encdec_example(toks, plans, VOCAB, GRIDS).enc_dense_labels is None
-        empty = encdec_example(toks, plans, VOCAB, GRIDS, dense_labels=np.zeros((0, 0), np.uint8))
-        assert empty.enc_dense_labels.shape == (len(ex.enc_ids), 0)
     assert seen_rgb > 0
-    batch = collate_encdec([ex, encdec_example(toks, plans, VOCAB, GRIDS, dense_labels=labels, drop_condition=True)])
-    assert batch["enc_dense_labels"].shape == (2, batch["enc_ids"].shape[1], 16)
+    without = encdec_example(toks, plans, VOCAB, GRIDS)
+    batch = collate_encdec([ex, encdec_example(toks, plans, VOCAB, GRIDS, dense_labels=labels, drop_condition=True), without])
+    assert batch["enc_dense_labels"].shape == (3, batch["enc_ids"].shape[1], 16)
     assert (batch["enc_dense_labels"][1] == IGNORE_INDEX).all()  # dropped condition: no rgb inputs
+    assert (batch["enc_dense_labels"][2] == IGNORE_INDEX).all()  # no map: beside those with one, all -100
+    assert "enc_dense_labels" not in collate_encdec([without, without])  # no map in the batch: no field (the model's loss is 0)
 
 
 def _model(**kw) -> EncoderDecoder:
@@ -73,6 +74,7 @@ def test_the_head_predicts_every_pixel_and_the_loss_is_its_cross_entropy():
     want = F.cross_entropy(model.aux_head(torch.stack([enc[0, 1], enc[1, 2]])).view(2, 16, 5).reshape(-1, 5), labels[[0, 1], [1, 2]].reshape(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(model.dense_aux_loss(enc, labels), want)
     torch.testing.assert_close(model._aux(enc, labels)["aux_loss"], 2.0 * want)
+    assert float(model.train()._aux(enc, None)["aux_loss"]) == 0.0 and model.eval()._aux(enc, None) == {}  # a batch without maps
     none = model.dense_aux_loss(enc, torch.full((2, 3, 16), IGNORE_INDEX))
     none.backward()
     assert float(none) == 0.0 and model.aux_head.weight.grad is not None

@@ -113,8 +113,7 @@ def train_segmenter(train_dir: str | Path, config: JudgeConfig, progress: bool =
         swap = torch.rand(len(batch["rgb"]), generator=rng) < share
         if bool(swap.any()):
             rgb = batch["rgb"].clone()
-            with torch.no_grad():
-                rgb[swap] = round_trip(rgb[swap])
+            rgb[swap] = round_trip(rgb[swap])
             batch = {**batch, "rgb": rgb}
         return batch
 

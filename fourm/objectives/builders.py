@@ -64,14 +64,14 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
     pixel patch (``enc_pixels``, ``enc_pixel_mask``; see ``EncDecConfig.rgb_pixels``); ``{}``
     gives the fields without any patch. ``dense_labels``: an (R, R) uint8 class map on the rgb
     grid (R a multiple of it): the example then carries ``enc_dense_labels``, each rgb input
-    token's patch of it (``np.zeros((0, 0))``: the field, all -100, for a sample without one).
+    token's patch of it (None: no field; batched beside examples that have it, all -100).
     """
     names = list(vocab.modalities)
     enc = {"ids": [], "mod": [], "pos": []}
     patches = {m: image_patches(img, grids[m]) for m, img in pixels.items() if m in tokens} if pixels is not None else None
     pix: list[tuple[int, np.ndarray]] = []  # (offset of the modality's inputs in the encoder row, their patches)
     dense: list[tuple[int, np.ndarray]] = []  # the same for the rgb inputs' label patches
-    label_patches = image_patches(dense_labels[None], grids[DENSE_LABEL_INPUTS]) if dense_labels is not None and dense_labels.size else None
+    label_patches = image_patches(dense_labels[None], grids[DENSE_LABEL_INPUTS]) if dense_labels is not None else None
     dec = {"ids": [], "mod": [], "pos": [], "causal": [], "labels": []}
     for plan in plans:
         m, mi = plan.name, names.index(plan.name)
@@ -109,17 +109,16 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
         first = dec["mod"][0][0] if dec["mod"] else 0
         enc = {"ids": [np.array([vocab.bos_id])], "mod": [np.array([first])], "pos": [np.zeros((1, 2), np.int64)]}
     cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+    n = sum(len(a) for a in enc["ids"])
     enc_pixels = enc_pixel_mask = None
     if patches is not None:
-        n = sum(len(a) for a in enc["ids"])
         width = next(iter(patches.values())).shape[1] if patches else 0
         enc_pixels, enc_pixel_mask = np.zeros((n, width), np.uint8), np.zeros(n, bool)
         for start, rows in pix:
             enc_pixels[start : start + len(rows)], enc_pixel_mask[start : start + len(rows)] = rows, True
     enc_dense = None
-    if dense_labels is not None:
-        n = sum(len(a) for a in enc["ids"])
-        enc_dense = np.full((n, label_patches.shape[1] if label_patches is not None else 0), IGNORE_INDEX, np.int64)
+    if label_patches is not None:
+        enc_dense = np.full((n, label_patches.shape[1]), IGNORE_INDEX, np.int64)
         for start, rows in dense:
             enc_dense[start : start + len(rows)] = rows
     return EncDecExample(

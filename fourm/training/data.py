@@ -206,9 +206,8 @@ class TokenStream(IterableDataset):
             try:
                 tokens = decode_tokens(sample, self.vocab, self.kinds, self.grids, modalities, self.skipped)
                 pixels = decode_pixels(sample, tokens, self.grids) if self.pixels else None
-                # a sample without a map still trains, without the auxiliary loss (an empty map)
-                labels = (decode_labels(sample, self.labels, self.grids) if "rgb" in tokens else None) if self.labels else None
-                labels = np.zeros((0, 0), np.uint8) if self.labels and labels is None else labels
+                # a sample without a map (or without rgb) still trains, without the auxiliary loss
+                labels = decode_labels(sample, self.labels, self.grids) if self.labels and "rgb" in tokens else None
             except (CorruptMember, SkippedSample) as exn:
                 self.skipped.record(exn)
                 continue
