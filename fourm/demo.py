@@ -21,6 +21,7 @@ from PIL import Image
 
 from fourm.config import to_dict
 from fourm.data.loader import LoaderConfig, build_loader
+from fourm.data.object_labels import OBJECT_LABELS
 from fourm.data.shards import MANIFEST
 from fourm.data.synth.generate import GENERATOR_VERSION, generate_dataset
 from fourm.viz import caption_strip, colorize_depth, draw_boxes, grid, line_chart, overlay, semseg_legend, upscale
@@ -358,15 +359,21 @@ def stage_tokenizers(config: DemoConfig, out: Path) -> dict:
     return report
 
 
+def _tokens_current(manifest: dict) -> bool:
+    """Token shards that hold what the demo's model reads: rgb pixels and both label maps (shards
+    from before rgb.pixels.npy, semseg.labels.npy or objects.labels.npy existed are made again)."""
+    return "pixels" in manifest and {"semseg", OBJECT_LABELS} <= set(manifest.get("labels") or {})
+
+
 def stage_pretokenize(config: DemoConfig, out: Path) -> dict:
     from fourm.tokenizers.pretokenize import pretokenize
 
     report = {}
     for split in ("train", "val"):
         target = out / "tokens" / split
-        if (target / MANIFEST).is_file() and {"pixels", "labels"} <= set(json.loads((target / MANIFEST).read_text())):
+        if (target / MANIFEST).is_file() and _tokens_current(json.loads((target / MANIFEST).read_text())):
             report[split] = {"reused": True}
-            continue  # (shards from before rgb.pixels.npy and semseg.labels.npy existed are made again)
+            continue
         start = time.perf_counter()
         m = pretokenize(out / "tokenizers", out / "data" / split, target, overwrite=True)
         report[split] = {"reused": False, "samples": m["num_samples"], "seconds": round(time.perf_counter() - start, 1)}

@@ -42,6 +42,7 @@ MODALITIES: dict[str, Modality] = {
         Modality("normals", "normals.png", "image", "R x R x 3 uint8 unit surface normal (camera frame: x right, y down, z forward; towards the camera) as round((n + 1) * 127.5)"),
         Modality("count", "count.txt", "sequence", "number of visible objects as text (e.g. '3')", optional=True),
         Modality("scene", "scene.json", "meta", "full scene description (synthetic data only)"),
+        Modality("instance", "instance.png", "meta", "R x R uint8 object map: 0 no object, k the pixel shows the k-th box of boxes.json"),
     )
 }
 

@@ -92,7 +92,7 @@ def test_token_shards_keep_the_semseg_maps(token_dir, synth_dir):
     from fourm.data.codecs import decode_member
 
     manifest = json.loads((token_dir / "manifest.json").read_text())
-    assert manifest["labels"] == {"semseg": manifest["pixels"]["rgb"]}
+    assert manifest["labels"] == {"semseg": manifest["pixels"]["rgb"], "objects": manifest["pixels"]["rgb"]}
     shard = sorted(token_dir.glob("*.tar"))[0]
     with tarfile.open(shard) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -124,3 +124,68 @@ def test_training_with_the_aux_loss_logs_it_and_it_falls(token_dir, tmp_path):
         (old / shard.name).write_bytes(shard.read_bytes())
     proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(old), "--out", str(tmp_path / "o"), "--max-steps", "2", "--set", "model.aux_labels=semseg", "--set", "model.aux_classes=5", *tiny)
     assert_usage_error(proc, "hold none: pretokenize them again")
+
+
+def test_the_object_label_map_gives_object_pixels_their_box_labels_class():
+    from fourm.data.object_labels import object_classes, object_label_map
+
+    classes = object_classes({"classes": ["sky", "ground", "ball"], "box_labels": ["red ball", "blue ball"]})
+    assert classes == ["sky", "ground", "ball", "red ball", "blue ball"]
+    assert object_classes({"classes": ["sky"]}) is None and object_classes({"box_labels": ["a"]}) is None
+    semseg = np.array([[0, 2, 2], [1, 2, 1], [1, 1, 2]])
+    instance = np.array([[0, 1, 1], [0, 2, 0], [0, 0, 3]])
+    boxes = [{"bbox": [1, 0, 3, 1], "label": "blue ball"}, {"bbox": [1, 1, 2, 2], "label": "red ball"}, {"bbox": [2, 2, 3, 3], "label": "green ball"}]
+    got = object_label_map(semseg, instance, boxes, classes, stuff=3)
+    # box 1 blue -> 4, box 2 red -> 3, box 3's label is not a class: its semseg class stays
+    np.testing.assert_array_equal(got, [[0, 4, 4], [1, 3, 1], [1, 1, 2]])
+    assert got.dtype == np.uint8
+    with pytest.raises(ValueError, match="names box 3 of a sample with 2"):
+        object_label_map(semseg, instance, boxes[:2], classes, stuff=3)
+    with pytest.raises(ValueError, match="differ in size"):
+        object_label_map(semseg[:2], instance, boxes, classes, stuff=3)
+    with pytest.raises(ValueError, match="more than 256"):
+        object_classes({"classes": ["a"] * 200, "box_labels": ["b"] * 57})
+
+
+def test_rendered_instance_maps_agree_with_the_boxes_and_the_semseg(synth_dir):
+    from fourm.data.codecs import decode_member
+    from fourm.data.synth.scene import BOX_LABELS, CLASSES
+
+    manifest = json.loads((synth_dir / "manifest.json").read_text())
+    assert manifest["box_labels"] == list(BOX_LABELS) and len(BOX_LABELS) == 48
+    seen = 0
+    with tarfile.open(sorted(synth_dir.glob("*.tar"))[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for key in sorted({n.split(".")[0] for n in members}):
+        inst = decode_member("instance", members[f"{key}.instance.png"]).numpy()
+        semseg = decode_member("semseg", members[f"{key}.semseg.png"]).numpy()
+        boxes = decode_member("boxes", members[f"{key}.boxes.json"])
+        assert int(inst.max()) == len(boxes) and ((inst > 0) == (semseg >= 2)).all()
+        for k, box in enumerate(boxes, start=1):
+            rows, cols = np.nonzero((inst == k).any(1))[0], np.nonzero((inst == k).any(0))[0]
+            assert [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1] == box["bbox"]
+            assert {CLASSES[c] for c in np.unique(semseg[inst == k])} == {box["label"].split()[-1]}
+            seen += 1
+    assert seen > 10
+
+
+def test_token_shards_keep_the_object_label_maps_and_the_model_trains_on_them(token_dir, tmp_path):
+    manifest = json.loads((token_dir / "manifest.json").read_text())
+    classes = manifest["object_classes"]
+    assert classes[:5] == ["background", "ground", "sphere", "cube", "cylinder"] and len(classes) == 53
+    with tarfile.open(sorted(token_dir.glob("*.tar"))[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    objects = [n for n in members if n.endswith(".objects.labels.npy")]
+    assert objects
+    for name in objects:
+        key = name.split(".")[0]
+        o, s = np.load(io.BytesIO(members[name])), np.load(io.BytesIO(members[f"{key}.semseg.labels.npy"]))
+        np.testing.assert_array_equal(o[s < 2], s[s < 2])  # sky and ground keep their class
+        # every object pixel names a label of its own shape
+        assert all(classes[c].split()[-1] == classes[v] for c, v in zip(o[s >= 2], s[s >= 2]))
+    tiny = ["--set", "model.dim=64", "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "data.batch_size=8", "--set", "data.shuffle_buffer=16", "--set", "log_every=2", "--quiet"]
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(tmp_path / "o"), "--max-steps", "4", "--set", "model.aux_labels=objects", "--set", "model.aux_classes=53", *tiny)
+    assert proc.returncode == 0, proc.stderr
+    assert all("loss/aux" in json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines())
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(tmp_path / "p"), "--max-steps", "2", "--set", "model.aux_labels=objects", "--set", "model.aux_classes=5", *tiny)
+    assert_usage_error(proc, "have 53 classes but the model's aux head predicts 5: --set model.aux_classes=53")

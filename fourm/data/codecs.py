@@ -9,6 +9,7 @@ Raw shard members (see ``fourm.modalities``):
     normals.png  (H, W, 3) uint8 PNG          <-> torch.uint8 (3, H, W)  (``fourm.data.normals``)
     count.txt    UTF-8 decimal integer        <-> int >= 0
     scene.json   dict                         <-> dict
+    instance.png (H, W) uint8 PNG, 0 or k     <-> torch.int64 (H, W): k the k-th box of boxes.json
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def decode_member(name: str, data: bytes):
         if arr.ndim != 2 or arr.dtype.kind != "f":
             raise CorruptMember("depth.npy", f"expected a 2D float array, got {arr.dtype} {arr.shape}")
         return torch.from_numpy(arr.astype(np.float32, copy=True))[None]
-    if name == "semseg":
-        arr = decode_image(data, "semseg.png", "L")
+    if name in ("semseg", "instance"):
+        arr = decode_image(data, f"{name}.png", "L")
         return torch.from_numpy(arr.astype(np.int64))
     if name == "boxes":
         return decode_boxes(data, "boxes.json")

@@ -7,7 +7,9 @@ per-image ``depth_scale``), and ``rgb.pixels.npy``: the (3, R, R) uint8 image th
 made from, for models that also read rgb inputs as pixel patches (the manifest's ``pixels``:
 {modality: R}), and ``semseg.labels.npy``: the (R, R) uint8 class map the semseg tokens were made
 from, for a model's dense auxiliary loss (``EncDecConfig.aux_labels``; the manifest's ``labels``:
-{modality: R}). A sample missing a modality keeps the others. ``OUT/manifest.json``
+{modality: R}). Where the raw dataset has instance maps and its manifest lists its box labels, also
+``objects.labels.npy``: the object label map (``fourm.data.object_labels``; the manifest's
+``object_classes`` names its classes). A sample missing a modality keeps the others. ``OUT/manifest.json``
 names the tokenizer set and carries a copy of its vocabulary and the vocabulary's SHA-256.
 """
 
@@ -25,7 +27,8 @@ from tqdm import tqdm
 
 from fourm.data.codecs import encode_json, encode_npy
 from fourm.data.loader import LoaderConfig, build_loader, image_size_of
-from fourm.data.shards import ShardSink, prepare_output_dir
+from fourm.data.object_labels import OBJECT_LABELS, object_classes, object_label_map
+from fourm.data.shards import MANIFEST, ShardSink, prepare_output_dir
 from fourm.tokenizers.tokenizer_set import TokenizerSet
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,11 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
     """Tokenize raw shards ``data`` with the set at ``tokenizers`` into token shards at ``out``."""
     tset = TokenizerSet.from_pretrained(tokenizers)
     mods = tset.modalities
-    loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=tuple(mods), batch_size=batch_size, shuffle=0, num_workers=1))
+    raw_manifest = Path(str(data)) / MANIFEST if not isinstance(data, (list, tuple)) else None
+    classes = object_classes(json.loads(raw_manifest.read_text())) if raw_manifest is not None and raw_manifest.is_file() else None
+    stuff = len(json.loads(raw_manifest.read_text())["classes"]) if classes else 0
+    extra = ("instance",) if classes and "semseg" in mods and "boxes" in mods else ()
+    loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=(*mods, *extra), batch_size=batch_size, shuffle=0, num_workers=1))
     out_dir = prepare_output_dir(out, overwrite)
     counts = {m: 0 for m in mods}
     pixel_sizes: dict[str, int] = {}  # modality -> R of its (3, R, R) pixel images
@@ -90,6 +97,12 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                             continue
                         ids = tset.encode("boxes", [values[i]], image_size=tuple(metas[i]["image_size"]))[0]
                         samples[i][m + TOKENS_SUFFIX] = encode_npy(ids.numpy().astype(np.int32))
+            for i in range(b) if extra else ():
+                semseg, instance, boxes = batch["semseg"][i], batch["instance"][i], batch["boxes"][i]
+                if semseg is not None and instance is not None and boxes is not None:
+                    labels = object_label_map(semseg.numpy(), instance.numpy(), boxes, classes, stuff)
+                    samples[i][OBJECT_LABELS + LABELS_SUFFIX] = encode_npy(labels)
+                    label_sizes[OBJECT_LABELS] = int(labels.shape[-1])
             for s, meta in zip(samples, metas):
                 for m in mods:
                     counts[m] += (m + TOKENS_SUFFIX) in s
@@ -107,6 +120,7 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
                 "modality_counts": counts,
                 "pixels": pixel_sizes,
                 "labels": label_sizes,
+                **({"object_classes": classes} if OBJECT_LABELS in label_sizes else {}),
                 "grids": tset.grids,
                 "vocab_sha256": vocab_sha256(tset),
                 "vocab": tset.vocab.to_json(),

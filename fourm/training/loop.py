@@ -36,6 +36,7 @@ import yaml
 from tqdm import tqdm
 
 from fourm.config import to_dict
+from fourm.data.object_labels import OBJECT_LABELS
 from fourm.data.shards import write_text_atomic
 from fourm.models.build import build_model
 from fourm.models.grow import load_for_vocab
@@ -414,6 +415,9 @@ def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedV
             raise ValueError(f"the model's dense auxiliary loss reads {labels} class maps (aux_labels) but the token shards hold none: pretokenize them again (data_pipelines/pretokenize.py keeps {labels}.labels.npy)")
         if size != model_config.pixel_patch * grids["rgb"]:
             raise ValueError(f"the token shards' {labels} maps are {size}x{size}, patches of {size // grids['rgb']} pixels on the rgb grid, but the model's aux head predicts patches of {model_config.pixel_patch}")
+        classes = manifest.get("object_classes") if labels == OBJECT_LABELS else None
+        if classes and len(classes) > model_config.aux_classes:
+            raise ValueError(f"the token shards' {labels} maps have {len(classes)} classes but the model's aux head predicts {model_config.aux_classes}: --set model.aux_classes={len(classes)}")
     return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels, labels=labels, origin=origin, positions=True)
 
 

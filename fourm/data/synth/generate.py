@@ -19,12 +19,12 @@ from fourm.data.codecs import encode_json, encode_npy, encode_png
 from fourm.data.shards import ShardSink, prepare_output_dir
 from fourm.data.synth.caption import make_caption
 from fourm.data.synth.render import FAR, render_scene, tight_boxes
-from fourm.data.synth.scene import CLASSES, COLORS, SHAPES, SIZES, sample_scene
+from fourm.data.synth.scene import BOX_LABELS, CLASSES, COLORS, SHAPES, SIZES, sample_scene
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "synth-scenes/1"
-SYNTH_MEMBERS = ("rgb", "depth", "semseg", "boxes", "caption", "scene")
+GENERATOR_VERSION = "synth-scenes/2"  # /2: the instance map (instance.png)
+SYNTH_MEMBERS = ("rgb", "depth", "semseg", "boxes", "caption", "scene", "instance")
 MAX_RESAMPLES = 20
 
 
@@ -40,11 +40,11 @@ def render_sample(seed: int, index: int, res: int) -> dict:
         view = render_scene(scene, res)
         if any(o.visible_pixels > 0 for o in scene.objects):
             break
-    boxes = [
-        {"bbox": list(box), "label": obj.label}
-        for obj, box in zip(scene.objects, tight_boxes(view.instance, len(scene.objects)))
-        if box is not None
-    ]
+    boxes, instance = [], np.zeros(view.instance.shape, np.uint8)
+    for k, (obj, box) in enumerate(zip(scene.objects, tight_boxes(view.instance, len(scene.objects)))):
+        if box is not None:
+            boxes.append({"bbox": list(box), "label": obj.label})
+            instance[view.instance == k] = len(boxes)  # the len(boxes)-th box of boxes.json
     caption = make_caption(scene, rng)
     scene_json = scene.to_json()
     scene_json["resolution"] = res
@@ -57,6 +57,7 @@ def render_sample(seed: int, index: int, res: int) -> dict:
         "boxes.json": encode_json(boxes),
         "caption.txt": caption.encode("utf-8"),
         "scene.json": encode_json(scene_json),
+        "instance.png": encode_png(instance),
     }
 
 
@@ -103,11 +104,12 @@ def generate_dataset(
                 "seed": seed,
                 "resolution": res,
                 "modalities": list(SYNTH_MEMBERS),
-                "members": {m: f"{m}.{ext}" for m, ext in zip(SYNTH_MEMBERS, ("png", "npy", "png", "json", "txt", "json"))},
+                "members": {m: f"{m}.{ext}" for m, ext in zip(SYNTH_MEMBERS, ("png", "npy", "png", "json", "txt", "json", "png"))},
                 "classes": list(CLASSES),
                 "shapes": list(SHAPES),
                 "colors": list(COLORS),
                 "sizes": list(SIZES),
+                "box_labels": list(BOX_LABELS),
                 "depth": {"unit": "m", "kind": "metric", "axis": "z", "background": FAR},
                 "boxes": {"format": "xyxy", "coordinates": "pixel edges, x1/y1 exclusive"},
             }

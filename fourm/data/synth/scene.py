@@ -26,6 +26,9 @@ COLORS = {
 }
 # characteristic half-extent in metres: sphere/cylinder radius, cube half side (cubes look larger)
 SIZES = {"small": 0.4, "large": 0.75}
+# every box label the grammar makes (``SceneObject.label``), in a fixed order: the manifest's
+# ``box_labels``, which number the object classes of a dense label map (``fourm.data.object_labels``)
+BOX_LABELS = tuple(f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES)
 CUBE_SCALE = 0.85
 PLACEMENT_HALF_EXTENT = 2.7  # objects are placed in [-2.7, 2.7]^2 on the ground
 MIN_GAP = 0.15  # metres between the bounding circles of two objects
