@@ -11,6 +11,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fourm-installed
 OUT ?= runs/demo
 MINUTES ?= 30
+# when `make` started (before install): the demo's budget counts from here
+STARTED := $(shell date +%s)
 PYTEST_ARGS ?=
 PORT ?= 7860
 # BROWSER=0: do not try to install Debian's chromium for the playground's browser test
@@ -54,7 +56,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) launch/demo.py --out $(OUT) --minutes $(MINUTES)
+	$(PY) launch/demo.py --out $(OUT) --minutes $(MINUTES) --started-at $(STARTED)
 
 # the browser playground on the demo's model (after `make demo`)
 playground: install

@@ -17,6 +17,7 @@ CASES = [
     ("data_pipelines/pretokenize.py", "--tokenizers {missing} --data {empty} --out {out}", "missing"),
     ("launch/train.py", "--config {missing}.yaml --data {empty} --out {out}", "missing"),
     ("launch/train.py", "--config configs/train/tiny_encdec.yaml --data {empty} --out {out}", "empty"),
+    ("launch/demo.py", "--out {out} --started-at 12", "--started-at 12: expected seconds since the epoch"),
     ("launch/generate.py", "--model {missing} --from rgb={missing}.png --to depth --out {out}", "missing"),
     ("launch/merge_lora.py", "--model {missing} --adapter {empty} --out {out}", "empty"),
     ("launch/export_hf.py", "--model {missing} --out {out}", "missing"),

@@ -70,10 +70,21 @@ def test_demo_budget_scales_stages_both_ways():
     same = scale_to_budget(DemoConfig(), 30)
     assert (same.train.minutes, same.data.train_scenes, same.train.max_steps) == (base.train.minutes, base.data.train_scenes, base.train.max_steps)
     short = scale_to_budget(DemoConfig(), 15)
-    assert short.train.minutes == base.train.minutes / 2 and short.data.train_scenes == base.data.train_scenes // 2
+    assert short.budget_minutes == 15 and short.data.train_scenes == base.data.train_scenes // 2
     assert short.train.max_steps == base.train.max_steps  # a cap, not a target: unchanged below 30 minutes
     long = scale_to_budget(DemoConfig(), 90)
-    assert long.train.minutes == 3 * base.train.minutes and long.tokenizers.minutes == {k: 3 * m for k, m in base.tokenizers.minutes.items()}
+    assert long.budget_minutes == 90 and long.tokenizers.minutes == {k: 3 * m for k, m in base.tokenizers.minutes.items()}
     assert long.eval.judge_minutes == 3 * base.eval.judge_minutes and long.data.train_scenes == 3 * base.data.train_scenes
     assert (long.train.max_steps, long.tokenizers.max_steps, long.eval.judge_steps) == (3 * base.train.max_steps, 3 * base.tokenizers.max_steps, 3 * base.eval.judge_steps)
     assert long.data.val_scenes == base.data.val_scenes
+
+
+def test_the_model_gets_what_the_budget_leaves():
+    from fourm.demo import DemoConfig, model_minutes
+
+    cfg = DemoConfig()  # 30 minutes; judge 3.5, evaluation 2.5
+    assert model_minutes(cfg, 10 * 60, judge_trained=False) == 14.0
+    assert model_minutes(cfg, 10 * 60, judge_trained=True) == 17.5  # a judge already there costs nothing
+    assert model_minutes(cfg, 29 * 60, judge_trained=False) == cfg.train.min_minutes  # overran: the least
+    cfg.train.minutes = 5.0
+    assert model_minutes(cfg, 10 * 60, judge_trained=False) == 5.0  # set: as given

@@ -10,7 +10,7 @@ import torch
 from fourm.data.loader import LoaderConfig, build_loader
 from fourm.metrics import matched_box_iou
 from fourm.tokenizers.boxes import BoxTokenizer, BoxTokenizerConfig, order_boxes
-from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, class_balanced_weights
 from fourm.tokenizers.quantizers import FSQ, VectorQuantizer
 from fourm.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from fourm.tokenizers.tokenizer_set import TokenizerSet
@@ -114,6 +114,41 @@ def test_image_tokenizer_shapes_and_ranges(modality, quantizer, batch):
         assert out.shape == (4, 1, 64, 64) and (out > 0).all()
     else:
         assert out.shape == (4, 64, 64) and int(out.max()) < 5
+
+
+def test_class_balanced_weights_give_each_class_an_equal_share():
+    labels = torch.tensor([[[0, 0], [0, 1]], [[2, 2], [2, 2]]])  # image 0: 3 + 1 pixels; image 1: one class
+    w = class_balanced_weights(labels)
+    torch.testing.assert_close(w[0], torch.tensor([[2 / 3, 2 / 3], [2 / 3, 2.0]]))
+    torch.testing.assert_close(w[1], torch.ones(2, 2))
+    half = class_balanced_weights(labels, power=0.5)[0]  # 3 ** -0.5 : 1, mean 1
+    assert half[1, 1] / half[0, 0] == pytest.approx(3**0.5) and float(half.mean()) == pytest.approx(1.0)
+    torch.testing.assert_close(class_balanced_weights(labels, power=0.0), torch.ones(2, 2, 2))
+
+
+def test_weighted_reconstruction_loss_weighs_pixels(batch):
+    tok = ImageTokenizer(ImageTokenizerConfig(modality="rgb", **TINY))
+    raw = batch["rgb"][:2]
+    out = tok(raw)
+    assert float(tok(raw, torch.ones(2, 64, 64)).loss) == pytest.approx(float(out.loss), rel=1e-5)
+    x, _ = tok.preprocess(raw)
+    only_first = torch.zeros(2, 64, 64)
+    only_first[:, :, :32] = 2.0  # all the weight on the left half
+    left = tok.reconstruction_loss(out.recon, raw, x, only_first)
+    assert float(left) == pytest.approx(float(tok.reconstruction_loss(out.recon[..., :32], raw[..., :32], x[..., :32])), rel=1e-5)
+
+
+def test_a_tokenizer_trains_with_class_balanced_losses(synth_dir):
+    from fourm.tokenizers.train_image import ImageTokenizerTrainingConfig, ImageTrainConfig, train_image_tokenizer
+
+    cfg = ImageTokenizerTrainingConfig(tokenizer=ImageTokenizerConfig(modality="rgb", **TINY), train=ImageTrainConfig(batch_size=4, max_steps=3, val_every=3, val_samples=8, num_workers=0, bf16=False, balance_by="semseg"))
+    model, history = train_image_tokenizer(cfg, synth_dir, synth_dir, progress=False)
+    assert history["steps"] == 3 and all(torch.isfinite(torch.tensor(history["loss"]))) and history["val"][0]["psnr"] > 0
+    cfg.train.balance_by = "rgb"
+    with pytest.raises(ValueError, match="own modality"):
+        train_image_tokenizer(cfg, synth_dir, progress=False)
+    with pytest.raises(ValueError, match="balance_power"):
+        ImageTrainConfig(balance_power=-1)
 
 
 def test_depth_normalisation_round_trips_metres():

@@ -9,6 +9,8 @@ Per-modality input/output handling:
             normalisation of log depth (``affine``: decode returns metres when given the scale,
             else relative depth); loss L1.
     semseg  class ids (B, H, W) -> one-hot (B, K, H, W); decoder gives K logits; cross-entropy.
+Training may weigh each pixel's loss (``class_balanced_weights``: small objects as much as the
+ground they stand on).
     normals uint8 (B, 3, H, W) as in ``normals.png`` (or float unit vectors) -> [-1, 1]; loss MSE
             + (1 - cosine similarity); decode gives float32 unit vectors (B, 3, H, W).
 """
@@ -228,28 +230,32 @@ class ImageTokenizer(nn.Module):
             return torch.exp(lo + x * (hi - lo))
         return ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-    def reconstruction_loss(self, out: torch.Tensor, target_raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def reconstruction_loss(self, out: torch.Tensor, target_raw: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The modality's loss (module docstring); ``weight`` (B, H, W), mean 1 per image, weighs
+        each pixel's share of it (``class_balanced_weights``; None: every pixel alike)."""
         cfg = self.config
         out = out.float()
         if cfg.modality == "semseg":
             ids = target_raw.long()
-            return F.cross_entropy(out, ids[:, 0] if ids.dim() == 4 else ids)
-        if cfg.modality == "depth":
-            return F.l1_loss(out, x)
-        if cfg.modality == "normals":
-            return F.mse_loss(out, x) + (1.0 - F.cosine_similarity(out, x, dim=1, eps=1e-6)).mean()
-        return F.mse_loss(out, x) + 0.1 * F.l1_loss(out, x)
+            per_pixel = F.cross_entropy(out, ids[:, 0] if ids.dim() == 4 else ids, reduction="none")  # (B, H, W)
+        elif cfg.modality == "depth":
+            per_pixel = (out - x).abs().mean(1)
+        elif cfg.modality == "normals":
+            per_pixel = (out - x).pow(2).mean(1) + 1.0 - F.cosine_similarity(out, x, dim=1, eps=1e-6)
+        else:
+            per_pixel = (out - x).pow(2).mean(1) + 0.1 * (out - x).abs().mean(1)
+        return per_pixel.mean() if weight is None else (per_pixel * weight).mean()
 
     # -- the tokenizer ---------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> Quantized:
         return self.quantizer(self.encoder(x))
 
-    def forward(self, raw: torch.Tensor) -> TokenizerOutput:
-        """Training pass on a raw batch."""
+    def forward(self, raw: torch.Tensor, weight: torch.Tensor | None = None) -> TokenizerOutput:
+        """Training pass on a raw batch; ``weight`` (B, H, W): see ``reconstruction_loss``."""
         x, _ = self.preprocess(raw)
         q = self.quantize(x)
         recon = self.decoder(q.z_q.to(x.dtype) if not torch.is_autocast_enabled("cpu") else q.z_q)
-        rec = self.reconstruction_loss(recon, raw, x)
+        rec = self.reconstruction_loss(recon, raw, x, weight)
         return TokenizerOutput(recon=recon, indices=q.indices, loss=rec + q.loss, recon_loss=rec, quant_loss=q.loss)
 
     @torch.no_grad()
@@ -275,3 +281,15 @@ class ImageTokenizer(nn.Module):
         with autocast(z.device.type, bf16):
             out = self.decoder(z)
         return self.postprocess(out.float(), scale)
+
+
+def class_balanced_weights(labels: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Per-pixel loss weights that share an image's loss among the classes it shows: labels (B, H,
+    W) class ids -> (B, H, W) float32 weights proportional to (pixels of the pixel's class in its
+    image) ** -power, scaled to mean 1 per image. power 0: all ones; 1: every class present holds
+    an equal share (a 30-pixel object as much as the 3,000-pixel ground)."""
+    b, h, w = labels.shape
+    flat = labels.reshape(b, -1).long()
+    counts = torch.zeros(b, int(flat.max()) + 1 if flat.numel() else 1).scatter_add_(1, flat, torch.ones(flat.shape))
+    weight = counts.gather(1, flat).pow(-float(power))  # (B, H * W)
+    return (weight / weight.mean(1, keepdim=True)).view(b, h, w)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from fourm.data.loader import LoaderConfig, build_loader
 from fourm.precision import autocast_for, choose_autocast, training_step
 from fourm.schedule import warmup_cosine
-from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from fourm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, class_balanced_weights
 from fourm.tokenizers.reconstruction import ReconstructionMeter
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,15 @@ class ImageTrainConfig:
     bf16: bool = True
     seed: int = 0
     num_workers: int = 1
+    # weigh each pixel's loss by a class map the shards hold ("semseg"; "" for none; a sample
+    # without one weighs its pixels alike): ``class_balanced_weights`` with this power (1: every
+    # class an image shows an equal share)
+    balance_by: str = ""
+    balance_power: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.balance_power < 0:
+            raise ValueError(f"balance_power must be >= 0, got {self.balance_power}")
 
 
 @dataclass
@@ -87,8 +96,11 @@ def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=N
     model.train()
     modality = config.tokenizer.modality
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.99), weight_decay=tcfg.weight_decay)
+    balance = tcfg.balance_by
+    if balance == modality:
+        raise ValueError(f"balance_by names the tokenizer's own modality {modality!r}: name a class map the shards hold beside it (e.g. semseg)")
     loader, skipped = build_loader(
-        data, LoaderConfig(modalities=(modality,), batch_size=tcfg.batch_size, shuffle=2000, num_workers=tcfg.num_workers, seed=tcfg.seed, repeat=True, drop_last=True)
+        data, LoaderConfig(modalities=(modality,), optional=(balance,) if balance else (), batch_size=tcfg.batch_size, shuffle=2000, num_workers=tcfg.num_workers, seed=tcfg.seed, repeat=True, drop_last=True)
     )
     history: dict = {"loss": [], "val": []}
     best_score, best_state = -math.inf, None
@@ -97,18 +109,28 @@ def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=N
     bar = tqdm(total=tcfg.max_steps, desc=f"train {modality} tokenizer", unit="step", disable=not progress)
     step = 0
     ema_loss = None
+    def weights(batch: dict) -> torch.Tensor | None:
+        """(B, H, W) weights; a sample without the class map weighs its pixels alike."""
+        maps = batch.get(balance) if balance else None
+        if maps is None or isinstance(maps, torch.Tensor):
+            return None if maps is None else class_balanced_weights(maps, tcfg.balance_power)
+        if all(m is None for m in maps):
+            return None
+        shape = next(m for m in maps if m is not None).shape
+        return torch.stack([torch.ones(shape) if m is None else class_balanced_weights(m[None], tcfg.balance_power)[0] for m in maps])
+
     batches = iter(loader)
     first = next(batches, None)
     if first is not None:  # precision by timing this tokenizer's own step both ways (one batch: its shapes never vary)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        dtype = choose_autocast("cpu", tcfg.bf16, f"{modality} tokenizer training step: {params:.2f} M parameters, batch {tcfg.batch_size}", training_step(model, lambda i: model(first[modality]).loss)).dtype
+        dtype = choose_autocast("cpu", tcfg.bf16, f"{modality} tokenizer training step: {params:.2f} M parameters, batch {tcfg.batch_size}", training_step(model, lambda i: model(first[modality], weights(first)).loss)).dtype
         batches = itertools.chain([first], batches)
     for batch in batches:
         progress = max(step / tcfg.max_steps, (time.perf_counter() - start) / (tcfg.max_minutes * 60))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, tcfg)
         with autocast_for("cpu", dtype):
-            out = model(batch[modality])
+            out = model(batch[modality], weights(batch))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
