@@ -82,9 +82,9 @@ def test_demo_budget_scales_stages_both_ways():
 def test_the_model_gets_what_the_budget_leaves():
     from fourm.demo import DemoConfig, model_minutes
 
-    cfg = DemoConfig()  # 30 minutes; judge 3.5, evaluation 2.5
-    assert model_minutes(cfg, 10 * 60, judge_trained=False) == 14.0
-    assert model_minutes(cfg, 10 * 60, judge_trained=True) == 17.5  # a judge already there costs nothing
+    cfg = DemoConfig()  # 30 minutes; judge 3.5, evaluation 3
+    assert model_minutes(cfg, 10 * 60, judge_trained=False) == 13.5
+    assert model_minutes(cfg, 10 * 60, judge_trained=True) == 17.0  # a judge already there costs nothing
     assert model_minutes(cfg, 29 * 60, judge_trained=False) == cfg.train.min_minutes  # overran: the least
     cfg.train.minutes = 5.0
     assert model_minutes(cfg, 10 * 60, judge_trained=False) == 5.0  # set: as given
