@@ -348,7 +348,7 @@ def run_demo(config: DemoConfig, out: Path, started: float | None = None) -> dic
     began = time.time() if started is None else started
 
     def train_stage(config: DemoConfig, out: Path) -> dict:
-        return stage_train(config, out, model_minutes(config, time.time() - began, (out / "judge" / "segmenter.safetensors").is_file()))
+        return stage_train(config, out, model_minutes(config, time.time() - began, _judge_path(out).is_file()))
 
     runners = {"data": stage_data, "inspect": stage_inspect, "tokenizers": stage_tokenizers, "pretokenize": stage_pretokenize, "train": train_stage, "evaluate": stage_evaluate, "samples": stage_samples}
     stages = {}
@@ -434,6 +434,11 @@ def stage_train(config: DemoConfig, out: Path, minutes: float) -> dict:
     return {"reused": False, "minutes": minutes, "steps": summary["steps"], "tokens": summary["tokens"], "last": summary["last"], "seconds": round(time.perf_counter() - start, 1)}
 
 
+def _judge_path(out: Path) -> Path:
+    """Where the demo keeps the caption -> rgb judge's segmenter (trained once, then reused)."""
+    return out / "judge" / "segmenter.safetensors"
+
+
 def stage_evaluate(config: DemoConfig, out: Path) -> dict:
     """The evaluation suite (``fourm.eval.suite``) on held-out scenes, with the floors from the
     training split and the caption -> rgb judge (trained into ``out/judge`` once, then reused)."""
@@ -447,7 +452,7 @@ def stage_evaluate(config: DemoConfig, out: Path) -> dict:
         previous = json.loads(saved.read_text())
         if previous.get("model_mtime_ns") == stamp:
             return {**previous, "reused": True}
-    judge_path = out / "judge" / "segmenter.safetensors"
+    judge_path = _judge_path(out)
     jcfg = JudgeConfig(steps=config.eval.judge_steps, max_minutes=config.eval.judge_minutes)
     model, tok = open_model(out / "model", out / "tokenizers")
     judge = load_or_train_segmenter(judge_path, out / "data" / "train", jcfg, tokenizers=tok)

@@ -39,6 +39,7 @@ def object_label_map(semseg: np.ndarray, instance: np.ndarray, boxes: list[dict]
         raise ValueError(f"the instance map names box {int(instance.max())} of a sample with {len(boxes)}")
     index = {name: i for i, name in enumerate(classes)}
     # per instance value 0..K: -1 (keep semseg) or the class of the box it shows
-    lut = np.array([-1] + [index.get(str(b["label"]), -1) if index.get(str(b["label"]), -1) >= stuff else -1 for b in boxes], np.int64)
+    lut = np.array([-1] + [index.get(str(b["label"]), -1) for b in boxes], np.int64)
+    lut[lut < stuff] = -1  # a label that names a semseg class is not an object class
     picked = lut[instance.astype(np.int64)]
     return np.where(picked >= 0, picked, semseg).astype(np.uint8)

@@ -9,10 +9,10 @@ Per-modality input/output handling:
             normalisation of log depth (``affine``: decode returns metres when given the scale,
             else relative depth); loss L1.
     semseg  class ids (B, H, W) -> one-hot (B, K, H, W); decoder gives K logits; cross-entropy.
-Training may weigh each pixel's loss (``class_balanced_weights``: small objects as much as the
-ground they stand on).
     normals uint8 (B, 3, H, W) as in ``normals.png`` (or float unit vectors) -> [-1, 1]; loss MSE
             + (1 - cosine similarity); decode gives float32 unit vectors (B, 3, H, W).
+Training may weigh each pixel's loss (``class_balanced_weights``: small objects as much as the
+ground they stand on).
 """
 
 from __future__ import annotations

@@ -50,8 +50,9 @@ def pretokenize(tokenizers: str | os.PathLike, data, out: str | os.PathLike, bat
     tset = TokenizerSet.from_pretrained(tokenizers)
     mods = tset.modalities
     raw_manifest = Path(str(data)) / MANIFEST if not isinstance(data, (list, tuple)) else None
-    classes = object_classes(json.loads(raw_manifest.read_text())) if raw_manifest is not None and raw_manifest.is_file() else None
-    stuff = len(json.loads(raw_manifest.read_text())["classes"]) if classes else 0
+    dataset = json.loads(raw_manifest.read_text()) if raw_manifest is not None and raw_manifest.is_file() else {}
+    classes = object_classes(dataset)
+    stuff = len(dataset["classes"]) if classes else 0
     extra = ("instance",) if classes and "semseg" in mods and "boxes" in mods else ()
     loader, skipped = build_loader(data, LoaderConfig(modalities=(), optional=(*mods, *extra), batch_size=batch_size, shuffle=0, num_workers=1))
     out_dir = prepare_output_dir(out, overwrite)

@@ -109,15 +109,16 @@ def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=N
     bar = tqdm(total=tcfg.max_steps, desc=f"train {modality} tokenizer", unit="step", disable=not progress)
     step = 0
     ema_loss = None
+
     def weights(batch: dict) -> torch.Tensor | None:
         """(B, H, W) weights; a sample without the class map weighs its pixels alike."""
         maps = batch.get(balance) if balance else None
-        if maps is None or isinstance(maps, torch.Tensor):
+        if maps is None or isinstance(maps, torch.Tensor):  # none asked for, or every sample has one
             return None if maps is None else class_balanced_weights(maps, tcfg.balance_power)
-        if all(m is None for m in maps):
+        present = [m for m in maps if m is not None]
+        if not present:
             return None
-        shape = next(m for m in maps if m is not None).shape
-        return torch.stack([torch.ones(shape) if m is None else class_balanced_weights(m[None], tcfg.balance_power)[0] for m in maps])
+        return torch.stack([torch.ones(present[0].shape) if m is None else class_balanced_weights(m[None], tcfg.balance_power)[0] for m in maps])
 
     batches = iter(loader)
     first = next(batches, None)
