@@ -30,11 +30,12 @@ def main(argv=None) -> int:
     p.add_argument("--judge", default=None, help="judge segmenter (.safetensors): loaded if it exists, else trained from --train-data and saved")
     p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model)")
     p.add_argument("--scenes", type=positive_int, default=64)
-    p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps of caption -> rgb")
+    p.add_argument("--steps", type=positive_int, default=EvalConfig.steps, help="MaskGIT steps of caption -> rgb")
     p.add_argument("--predict-steps", type=positive_int, default=1, help="MaskGIT steps of rgb -> depth/semseg/normals (greedy; 1: one pass)")
     p.add_argument("--rgb-cfg", type=float, default=EvalConfig.rgb_cfg, help="classifier-free guidance scale of the sampled caption -> rgb (0: none)")
     p.add_argument("--rgb-temperature", type=float, default=EvalConfig.rgb_temperature, help="sampling temperature of caption -> rgb (0: greedy)")
     p.add_argument("--rgb-top-k", type=non_negative_int, default=EvalConfig.rgb_top_k, help="top-k of caption -> rgb (0: all ids)")
+    p.add_argument("--rgb-choice-temperature", type=float, default=EvalConfig.rgb_choice_temperature, help="Gumbel noise on MaskGIT's choice of tokens to fix, caption -> rgb (0: by confidence)")
     p.add_argument("--seed", type=non_negative_int, default=EvalConfig.seed, help="sampling seed of caption -> rgb")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--judge-steps", type=positive_int, default=None, help="judge segmenter training steps (default: JudgeConfig's)")
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     except ValueError as exn:
         raise UsageError(f"--judge-steps/--judge-minutes: {exn}") from None
     try:
-        config = EvalConfig(scenes=args.scenes, steps=args.steps, predict_steps=args.predict_steps, batch_size=args.batch_size, directions=directions, judge=judge_config, rgb_cfg=args.rgb_cfg, rgb_temperature=args.rgb_temperature, rgb_top_k=args.rgb_top_k, seed=args.seed)
+        config = EvalConfig(scenes=args.scenes, steps=args.steps, predict_steps=args.predict_steps, batch_size=args.batch_size, directions=directions, judge=judge_config, rgb_cfg=args.rgb_cfg, rgb_temperature=args.rgb_temperature, rgb_top_k=args.rgb_top_k, rgb_choice_temperature=args.rgb_choice_temperature, seed=args.seed)
     except ValueError as exn:  # unknown directions, or a negative caption -> rgb sampling setting
         field_name, _, rest = str(exn).partition(" ")
         raise UsageError(f"--{field_name.replace('_', '-')} {rest}" if field_name.startswith("rgb_") else f"--directions: {exn}") from None

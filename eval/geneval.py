@@ -2,8 +2,9 @@
 """The GenEval-style text -> image benchmark on the rendered scenes (``fourm.eval.geneval``).
 
     python eval/geneval.py --model DIR --judge SEGMENTER.safetensors [--tokenizers DIR]
-        [--prompts 64] [--seed 0] [--tasks single_object,...] [--steps 8] [--cfg-scale 2]
-        [--temperature 1] [--top-k 50] [--gen-seed 0] [--batch-size 16] [--json OUT] [--grid OUT.png]
+        [--prompts 64] [--seed 0] [--tasks single_object,...] [--steps 8] [--cfg-scale 200]
+        [--choice-temperature 4.5] [--schedule linear] [--temperature 1] [--top-k 0] [--gen-seed 0]
+        [--batch-size 16] [--json OUT] [--grid OUT.png]
 
 Six tasks (single object, two objects, counting, colours, position, colour attribution), --prompts
 prompts a task, one generated image a prompt; per task the model's score beside the judge on the
@@ -25,6 +26,7 @@ log = logging.getLogger("geneval")
 
 def main(argv=None) -> int:
     from fourm.eval.geneval import TASKS
+    from fourm.generation.sampling import TEXT_TO_IMAGE
 
     p = ArgumentParser(prog="geneval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a from_pretrained model directory (omit: judge, floor and ceiling only)")
@@ -33,10 +35,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=positive_int, default=64, help="prompts a task (default 64)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="the prompt set's seed (default 0)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT steps (default 8)")
-    p.add_argument("--cfg-scale", type=non_negative_float, default=2.0, help="classifier-free guidance scale (0: none; default 2)")
-    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature (0: greedy; default 1)")
-    p.add_argument("--top-k", type=non_negative_int, default=50, help="top-k (0: all ids; default 50)")
+    d = TEXT_TO_IMAGE  # the evaluation suite's caption -> rgb sampling
+    p.add_argument("--steps", type=positive_int, default=d["steps"], help=f"MaskGIT steps (default {d['steps']})")
+    p.add_argument("--cfg-scale", type=non_negative_float, default=d["cfg_scale"], help=f"classifier-free guidance scale (0: none; default {d['cfg_scale']:g})")
+    p.add_argument("--choice-temperature", type=non_negative_float, default=d["choice_temperature"], help=f"Gumbel noise on MaskGIT's choice of tokens to fix (0: by confidence; default {d['choice_temperature']:g})")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default=d["schedule"], help=f"MaskGIT unmasking schedule (default {d['schedule']})")
+    p.add_argument("--temperature", type=non_negative_float, default=d["temperature"], help=f"sampling temperature (0: greedy; default {d['temperature']:g})")
+    p.add_argument("--top-k", type=non_negative_int, default=d["top_k"], help=f"top-k (0: all ids; default {d['top_k']})")
     p.add_argument("--gen-seed", type=non_negative_int, default=0, help="the sampling seed (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", default=None, help="write every figure and each prompt's verdict here")
@@ -90,15 +95,15 @@ def main(argv=None) -> int:
     log.info("%d prompts (%d a task) at %d px", len(prompts), args.prompts, res)
     generated = None
     if model is not None and segmenter is not None:
-        from fourm.generation.api import GenerationConfig
+        from fourm.generation.api import text_to_image_config
 
-        gen = GenerationConfig(steps=args.steps, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, seed=args.gen_seed)
+        gen = text_to_image_config(steps=args.steps, cfg_scale=args.cfg_scale, choice_temperature=args.choice_temperature, schedule=args.schedule, temperature=args.temperature, top_k=args.top_k, seed=args.gen_seed)
         generated = generate_images(model, tokenizers, prompts, gen, args.batch_size, progress=True)
     result = run_geneval(prompts, segmenter, tokenizers, generated)
     table = markdown(result.figures)
     print(table)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("model", "tokenizers", "judge", "prompts", "seed", "steps", "cfg_scale", "temperature", "top_k", "gen_seed")}
+        settings = {k: getattr(args, k) for k in ("model", "tokenizers", "judge", "prompts", "seed", "steps", "cfg_scale", "choice_temperature", "schedule", "temperature", "top_k", "gen_seed")}
         per_prompt = [{"prompt": q.prompt, **q.spec.to_json(), **{part: {"passed": v[i].passed, "reading": v[i].reading} for part, v in result.verdicts.items()}} for i, q in enumerate(prompts)]
         write_json(args.json, {"settings": settings, "figures": result.figures, "prompts": per_prompt})
         log.info("wrote %s", args.json)

@@ -465,7 +465,7 @@ def stage_evaluate(config: DemoConfig, out: Path) -> dict:
 def stage_samples(config: DemoConfig, out: Path) -> dict:
     """Held-out scenes: rgb -> depth, semseg, boxes, caption and caption -> rgb, as pictures (the
     figures are the evaluate stage's)."""
-    from fourm.generation.api import GenerationConfig, generate
+    from fourm.generation.api import GenerationConfig, generate, text_to_image_config
     from fourm.models.build import load_model
     from fourm.tokenizers.tokenizer_set import TokenizerSet
 
@@ -481,7 +481,7 @@ def stage_samples(config: DemoConfig, out: Path) -> dict:
     start = time.perf_counter()
     for target in ("depth", "semseg", "boxes", "caption"):
         preds[target] = generate(model, tok, {"rgb": batch["rgb"]}, [target], gen).outputs[target]
-    images = generate(model, tok, {"caption": batch["caption"]}, ["rgb"], GenerationConfig(steps=8, cfg_scale=2.0, temperature=1.0, top_k=50)).outputs["rgb"]
+    images = generate(model, tok, {"caption": batch["caption"]}, ["rgb"], text_to_image_config()).outputs["rgb"]
     seconds = time.perf_counter() - start
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (launch/train.py with lora.enabled) applied to --model")
     p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT/ROAR steps per image target")
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (0: off)")
+    p.add_argument("--choice-temperature", type=float, default=0.0, help="MaskGIT: Gumbel noise on the choice of tokens to fix, annealed to 0 (0: by confidence; text -> image: 4.5)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"], help="MaskGIT/ROAR unmasking schedule")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=non_negative_int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     if overlap:
         raise UsageError(f"{', '.join(sorted(overlap))} is both an input and a target")
     inputs = load_inputs(spec, tokenizers.resolution)
-    config = GenerationConfig(scheme=args.scheme, steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, seed=args.seed, compile=args.compile)
+    config = GenerationConfig(scheme=args.scheme, steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, choice_temperature=args.choice_temperature, schedule=args.schedule, seed=args.seed, compile=args.compile)
     try:
         result = generate(model, tokenizers, inputs, targets, config)
     except (KeyError, ValueError) as exn:

@@ -15,6 +15,7 @@ from fourm.eval.detection import coco_map
 from fourm.data.synth.scene import CLASSES, COLORS
 from fourm.eval.judge import color_name, find_objects, judge, summarize
 from fourm.eval.suite import check_targets, markdown_report, training_floors
+from fourm.generation.sampling import TEXT_TO_IMAGE
 
 
 def test_parse_caption_objects_and_relations():
@@ -187,17 +188,18 @@ def test_predictions_in_one_pass_and_caption_to_rgb_in_steps(monkeypatch, token_
     seen, real = [], api.generate
 
     def spy(model, tokenizers, inputs, targets, config, *args, **kwargs):
-        seen.append((tuple(targets), config.steps, config.temperature, config.top_k, config.cfg_scale))
+        seen.append((tuple(targets), config.steps, config.temperature, config.top_k, config.cfg_scale, config.choice_temperature, config.schedule))
         return real(model, tokenizers, inputs, targets, config, *args, **kwargs)
 
     monkeypatch.setattr(api, "generate", spy)
-    config = EvalConfig(scenes=4, batch_size=4, steps=3, predict_steps=2, max_len=4, directions=("rgb_to_depth", "rgb_to_semseg", "caption_to_rgb"), rgb_temperature=0.7, rgb_top_k=7, rgb_cfg=3.5)
+    config = EvalConfig(scenes=4, batch_size=4, steps=3, predict_steps=2, max_len=4, directions=("rgb_to_depth", "rgb_to_semseg", "caption_to_rgb"), rgb_temperature=0.7, rgb_top_k=7, rgb_cfg=3.5, rgb_choice_temperature=1.5)
     report, _ = evaluate(model, tok, synth_dir, config, progress=False)
-    assert sorted(seen) == [(("depth",), 2, 0.0, 0, 0.0), (("rgb",), 3, 0.7, 7, 3.5), (("semseg",), 2, 0.0, 0, 0.0)]
+    # caption -> rgb keeps sampling.TEXT_TO_IMAGE's schedule; the predictions are plain greedy passes
+    assert sorted(seen) == [(("depth",), 2, 0.0, 0, 0.0, 0.0, "cosine"), (("rgb",), 3, 0.7, 7, 3.5, 1.5, TEXT_TO_IMAGE["schedule"]), (("semseg",), 2, 0.0, 0, 0.0, 0.0, "cosine")]
     assert {"rgb_to_depth", "rgb_to_semseg"} <= set(report["model"])
     with pytest.raises(ValueError, match="predict_steps"):
         EvalConfig(predict_steps=0)
-    for name in ("rgb_cfg", "rgb_temperature", "rgb_top_k"):
+    for name in ("rgb_cfg", "rgb_temperature", "rgb_top_k", "rgb_choice_temperature"):
         with pytest.raises(ValueError, match=f"{name} must be >= 0"):
             EvalConfig(**{name: -1})
     with pytest.raises(ValueError, match="rgb_cfg must be >= 0, got nan"):

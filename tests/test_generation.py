@@ -8,7 +8,7 @@ import torch
 
 from fourm.data.loader import LoaderConfig, build_loader
 from fourm.generation.api import GenerationConfig, generate
-from fourm.generation.sampling import filter_logits, guided, sample, temperature_at, unmask_counts
+from fourm.generation.sampling import choice_scores, filter_logits, guided, sample, temperature_at, unmask_counts
 from fourm.models.build import build_model
 from fourm.objectives.builders import image_patches
 from fourm.tokenizers.tokenizer_set import TokenizerSet
@@ -50,6 +50,17 @@ def test_sampling_helpers():
         assert sum(counts) == n and all(c >= 1 for c in counts) and len(counts) <= steps
 
 
+def test_choice_scores_rank_by_confidence_plus_seeded_noise():
+    conf = torch.tensor([[0.9, 0.5, 0.3, 0.2, 0.1, 0.05]])
+    assert choice_scores(conf, 0.0).argsort(dim=1, descending=True).tolist() == [[0, 1, 2, 3, 4, 5]]
+    orders = {tuple(choice_scores(conf, 4.5, torch.Generator().manual_seed(s)).argsort(dim=1, descending=True)[0].tolist()) for s in range(10)}
+    assert len(orders) > 1  # the noise reorders, differently per seed
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(choice_scores(conf, 4.5, g1), choice_scores(conf, 4.5, g2))
+    # a tiny scale keeps well-separated confidences in order
+    assert choice_scores(conf, 1e-3, torch.Generator().manual_seed(0)).argsort(dim=1, descending=True).tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
 @pytest.mark.parametrize("arch", ["encdec", "decoder"])
 def test_every_direction_gives_valid_outputs(tok, batch, arch):
     model = _model(tok, arch)
@@ -71,8 +82,8 @@ def test_every_direction_gives_valid_outputs(tok, batch, arch):
 
 def test_encdec_maskgit_and_roar_fill_every_position(tok, batch):
     model = _model(tok, "encdec")
-    for scheme in ("maskgit", "roar"):
-        ids = torch.stack(generate(model, tok, {"caption": batch["caption"]}, ["rgb"], GenerationConfig(scheme=scheme, steps=5)).ids["rgb"])
+    for scheme, choice in (("maskgit", 0.0), ("maskgit", 4.5), ("roar", 0.0)):
+        ids = torch.stack(generate(model, tok, {"caption": batch["caption"]}, ["rgb"], GenerationConfig(scheme=scheme, steps=5, choice_temperature=choice)).ids["rgb"])
         r = tok.vocab.space_range("rgb")
         assert ids.shape == (3, 64) and bool(((ids >= r.start) & (ids < r.stop)).all())
 

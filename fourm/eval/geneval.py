@@ -350,9 +350,9 @@ def true_images(prompts: list[GenevalPrompt]) -> tuple[torch.Tensor, torch.Tenso
 def generate_images(model, tokenizers, prompts: list[GenevalPrompt], config=None, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """One image per prompt from ``fourm.generation``: (N, 3, R, R) uint8. ``config``: a
     ``GenerationConfig`` (default: the evaluation suite's caption -> rgb sampling)."""
-    from fourm.generation.api import GenerationConfig, generate
+    from fourm.generation.api import generate, text_to_image_config
 
-    config = config or GenerationConfig(temperature=1.0, top_k=50, cfg_scale=2.0, steps=8)
+    config = config or text_to_image_config()
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="geneval generate", disable=not progress):
         out += generate(model, tokenizers, {"caption": [p.prompt for p in prompts[i : i + batch_size]]}, ["rgb"], config).outputs["rgb"]

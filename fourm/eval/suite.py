@@ -37,6 +37,7 @@ from fourm.data.synth.scene import SHAPES
 from fourm.eval.captions import object_counts, object_match, precision_recall_f1, scene_object_counts
 from fourm.eval.detection import coco_map
 from fourm.eval.judge import JudgeConfig, Segmenter, judge_images, round_trip, summarize
+from fourm.generation.sampling import TEXT_TO_IMAGE
 from fourm.metrics import depth_metrics, miou_from_confusion, normal_angle_metrics, psnr, segmentation_confusion
 from fourm.modalities import MODALITIES
 
@@ -51,16 +52,18 @@ EXTRA_DIRECTIONS = ("rgb_to_normals", "rgb_to_count")  # not in the default repo
 class EvalConfig:
     scenes: int = 64  # held-out scenes evaluated (the first ones, in shard order)
     batch_size: int = 16
-    steps: int = 8  # MaskGIT steps of caption -> rgb (sampled)
+    steps: int = TEXT_TO_IMAGE["steps"]  # MaskGIT steps of caption -> rgb (sampled)
     # MaskGIT steps of the greedy rgb -> image-like directions (depth, semseg, normals); 1: every
     # token in one pass. On a 30-minute demo's model 1 step beat 4, 8 and 16 (mIoU 0.472 / 0.465
     # / 0.454 / 0.448, AbsRel 0.044 / 0.046 / 0.046 / 0.046): a prediction has one answer, and fixing
     # early guesses first conditions the rest on their errors
     predict_steps: int = 1
     max_len: int = 96  # caption / boxes tokens
-    rgb_temperature: float = 1.0  # caption -> rgb is sampled; the other directions are greedy
-    rgb_top_k: int = 50
-    rgb_cfg: float = 2.0
+    # caption -> rgb is sampled (sampling.TEXT_TO_IMAGE); the other directions are greedy
+    rgb_temperature: float = TEXT_TO_IMAGE["temperature"]
+    rgb_top_k: int = TEXT_TO_IMAGE["top_k"]
+    rgb_cfg: float = TEXT_TO_IMAGE["cfg_scale"]
+    rgb_choice_temperature: float = TEXT_TO_IMAGE["choice_temperature"]
     geneval_prompts: int = 64  # prompts a GenEval-style task (fixed prompt seed 0; ``seed`` samples)
     baseline_scenes: int = 2000  # training scenes for the mean-depth / majority-class floors
     directions: tuple[str, ...] = DIRECTIONS  # a subset skips the others (e.g. a specialist)
@@ -71,7 +74,7 @@ class EvalConfig:
         for name in ("scenes", "batch_size", "steps", "predict_steps", "max_len", "geneval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("rgb_temperature", "rgb_top_k", "rgb_cfg"):
+        for name in ("rgb_temperature", "rgb_top_k", "rgb_cfg", "rgb_choice_temperature"):
             if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         unknown = set(self.directions) - set(DIRECTIONS) - set(EXTRA_DIRECTIONS)
@@ -177,7 +180,7 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
 
     Returns (report: JSON-ready figures, {"inputs": the held-out batch, "predictions": per target
     the decoded outputs}) so that callers can draw them."""
-    from fourm.generation.api import GenerationConfig, generate
+    from fourm.generation.api import GenerationConfig, generate, text_to_image_config
 
     config = config or EvalConfig()
     start = time.perf_counter()
@@ -186,7 +189,7 @@ def evaluate(model, tokenizers, val_dir: str | Path, config: EvalConfig | None =
     n = len(data["caption"])
     k = tokenizers.images["semseg"].config.num_classes
     greedy = GenerationConfig(temperature=0.0, steps=config.predict_steps, max_len=config.max_len, seed=config.seed)
-    sampled = GenerationConfig(temperature=config.rgb_temperature, top_k=config.rgb_top_k, cfg_scale=config.rgb_cfg, steps=config.steps, seed=config.seed)
+    sampled = text_to_image_config(temperature=config.rgb_temperature, top_k=config.rgb_top_k, cfg_scale=config.rgb_cfg, choice_temperature=config.rgb_choice_temperature, steps=config.steps, seed=config.seed)
     wanted = [d.split("_to_")[1] for d in config.directions if d != GENEVAL]
     out = {t: [] for t in wanted}
     for i in tqdm(range(0, n, config.batch_size), desc="evaluate", disable=not progress):

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from fourm.generation.compiled import compiled_decode_step, decode_step
-from fourm.generation.sampling import guided, sample, temperature_at, unmask_counts
+from fourm.generation.sampling import TEXT_TO_IMAGE, choice_scores, guided, sample, temperature_at, unmask_counts
 from fourm.modalities import MODALITIES
 from fourm.objectives.builders import image_patches
 from fourm.sequence import pack_sequence
@@ -43,6 +43,9 @@ class GenerationConfig:
     schedule: str = "cosine"  # cosine | linear
     temperature: float = 1.0
     temperature_end: float | None = None  # anneal to this over the steps
+    # MaskGIT's randomised choice of which drawn tokens to fix: log-confidence plus Gumbel noise of
+    # this scale, annealed linearly to 0 over the steps (MaskGIT: 4.5); 0: strictly by confidence
+    choice_temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     cfg_scale: float = 0.0
@@ -57,6 +60,12 @@ class GenerationConfig:
         if unknown:
             raise ValueError(f"unknown generation setting(s) for {modality}: {', '.join(sorted(unknown))}")
         return GenerationConfig(**{**{k: getattr(self, k) for k in self.__dataclass_fields__ if k != "per_target"}, **over})
+
+
+def text_to_image_config(**over) -> GenerationConfig:
+    """The caption -> rgb sampling of the evaluation suite, GenEval and the demo
+    (``sampling.TEXT_TO_IMAGE``), with ``over`` replacing any of its settings."""
+    return GenerationConfig(**{**TEXT_TO_IMAGE, **over})
 
 
 @dataclass
@@ -262,7 +271,7 @@ def _encdec_image(model, vocab, conds, target, grids, b, cfg, generator, pixels=
         if cfg.scheme == "roar":
             order = torch.stack([torch.randperm(u, generator=generator) for _ in range(b)])
         else:
-            order = conf.argsort(dim=1, descending=True)
+            order = choice_scores(conf, cfg.choice_temperature * (1 - step / len(counts)), generator).argsort(dim=1, descending=True)
         pick = order[:, :k]  # (B, k) positions among the unknown
         chosen = unknown.gather(1, pick)
         values.scatter_(1, chosen, drawn.gather(1, pick))

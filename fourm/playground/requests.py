@@ -190,7 +190,7 @@ def parse_request(fields: dict, upload: bytes | None, *, known: list[str], res: 
     config = GenerationConfig(
         steps=_number(fields, "steps", d.steps, int, 1, limits.max_steps, "steps"),
         temperature=_number(fields, "temperature", d.temperature, float, 0.0, 5.0, "temperature"),
-        cfg_scale=_number(fields, "cfg", d.cfg_scale, float, 0.0, 20.0, "guidance (CFG)"),
+        cfg_scale=_number(fields, "cfg", d.cfg_scale, float, 0.0, 1000.0, "guidance (CFG)"),
         seed=_number(fields, "seed", d.seed, int, 0, 2**31 - 1, "seed"),
         top_k=_number(fields, "top_k", d.top_k, int, 0, 100000, "top-k"),
         top_p=_number(fields, "top_p", d.top_p, float, 0.01, 1.0, "top-p"),
