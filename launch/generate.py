@@ -2,12 +2,15 @@
 """Any-to-any generation from a trained model.
 
     python launch/generate.py --model DIR --from rgb=photo.png [--from caption="a red cube left of a blue sphere"]
-                              --to depth,semseg,boxes,caption --out DIR [--steps 8] [--cfg 3] [--temperature 1]
-                              [--top-k 0] [--top-p 1] [--seed 0] [--scheme auto] [--tokenizers DIR] [--adapter DIR]
+                              --to depth,semseg,boxes,caption --out DIR [--steps 8] [--cfg 0] [--temperature 1]
+                              [--top-k 0] [--top-p 1] [--choice-temperature 0] [--schedule cosine] [--seed 0]
+                              [--scheme auto] [--tokenizers DIR] [--adapter DIR]
 
 Targets are generated in the order given; each finished target conditions the next (a chain such as
 --to caption,semseg,depth,rgb). Writes depth.png + depth.npy, semseg.png + semseg_overlay.png,
 boxes.png + boxes.json, caption.txt, rgb.png, normals.png, count.txt and overview.png into --out.
+rgb drawn first from a caption alone takes the text -> image settings (sampling.TEXT_TO_IMAGE) for
+every control not given on the command line.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import logging
 from pathlib import Path
 
 from fourm.cli import ArgumentParser, UsageError, non_negative_int, positive_int, run, setup_logging
-from fourm.generation.api import GenerationConfig, generate
+from fourm.generation.api import generate, request_config
 from fourm.generation.files import load_inputs, open_model, parse_from, save_outputs
+from fourm.generation.sampling import TEXT_TO_IMAGE
 
 log = logging.getLogger("generate")
 
@@ -30,12 +34,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model, or with --adapter)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (launch/train.py with lora.enabled) applied to --model")
-    p.add_argument("--steps", type=positive_int, default=8, help="MaskGIT/ROAR steps per image target")
-    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (0: off)")
-    p.add_argument("--choice-temperature", type=float, default=0.0, help="MaskGIT: Gumbel noise on the choice of tokens to fix, annealed to 0 (0: by confidence; text -> image: 4.5)")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"], help="MaskGIT/ROAR unmasking schedule")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=non_negative_int, default=0)
+    t2i = ", ".join(f"{k} {v}" for k, v in TEXT_TO_IMAGE.items())
+    p.add_argument("--steps", type=positive_int, default=None, help="MaskGIT/ROAR steps per image target (default 8)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 0: off)")
+    p.add_argument("--choice-temperature", type=float, default=None, help="MaskGIT: Gumbel noise on the choice of tokens to fix, annealed to 0 (default 0: by confidence)")
+    p.add_argument("--schedule", default=None, choices=["cosine", "linear"], help="MaskGIT/ROAR unmasking schedule (default cosine)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1)")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help=f"top-k (default 0: all ids). rgb drawn first from a caption alone takes the text -> image settings for what is not given: {t2i}")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--scheme", default="auto", choices=["auto", "maskgit", "roar", "autoregressive"])
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -43,8 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="decoder-only: torch.compile the decoding step (a one-off ~50 s on 2 cores; pays off for long or many generations)")
     args = p.parse_args(argv)
     setup_logging()
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
+    if (args.temperature or 0) < 0 or (args.cfg or 0) < 0 or (args.choice_temperature or 0) < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("need --temperature, --cfg, --choice-temperature >= 0 and 0 < --top-p <= 1")
     try:
         model, tokenizers = open_model(args.model, args.tokenizers, args.dtype, args.adapter)
     except (OSError, ValueError) as exn:
@@ -61,7 +66,9 @@ def main(argv=None) -> int:
     if overlap:
         raise UsageError(f"{', '.join(sorted(overlap))} is both an input and a target")
     inputs = load_inputs(spec, tokenizers.resolution)
-    config = GenerationConfig(scheme=args.scheme, steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, choice_temperature=args.choice_temperature, schedule=args.schedule, seed=args.seed, compile=args.compile)
+    config = request_config(spec, targets, scheme=args.scheme, steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, choice_temperature=args.choice_temperature, schedule=args.schedule, seed=args.seed, compile=args.compile)
+    if "rgb" in config.per_target:
+        log.info("caption -> rgb with the text -> image settings: %s", ", ".join(f"{k} {v}" for k, v in config.for_target("rgb").__dict__.items() if k in TEXT_TO_IMAGE))
     try:
         result = generate(model, tokenizers, inputs, targets, config)
     except (KeyError, ValueError) as exn:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fourm.data.loader import LoaderConfig, build_loader
-from fourm.generation.api import GenerationConfig, generate
-from fourm.generation.sampling import choice_scores, filter_logits, guided, sample, temperature_at, unmask_counts
+from fourm.generation.api import GenerationConfig, generate, request_config
+from fourm.generation.sampling import TEXT_TO_IMAGE, choice_scores, filter_logits, guided, sample, temperature_at, unmask_counts
 from fourm.models.build import build_model
 from fourm.objectives.builders import image_patches
 from fourm.tokenizers.tokenizer_set import TokenizerSet
@@ -59,6 +59,21 @@ def test_choice_scores_rank_by_confidence_plus_seeded_noise():
     assert torch.equal(choice_scores(conf, 4.5, g1), choice_scores(conf, 4.5, g2))
     # a tiny scale keeps well-separated confidences in order
     assert choice_scores(conf, 1e-3, torch.Generator().manual_seed(0)).argsort(dim=1, descending=True).tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_request_config_gives_caption_to_rgb_the_text_to_image_settings():
+    # rgb first from a caption alone: TEXT_TO_IMAGE fills every control the request leaves unset
+    cfg = request_config({"caption": "a red cube"}, ["rgb", "depth"], cfg_scale=None, steps=4, top_k=None, seed=3)
+    rgb = cfg.for_target("rgb")
+    assert rgb.cfg_scale == TEXT_TO_IMAGE["cfg_scale"] and rgb.choice_temperature == TEXT_TO_IMAGE["choice_temperature"]
+    assert rgb.schedule == TEXT_TO_IMAGE["schedule"] and rgb.top_k == TEXT_TO_IMAGE["top_k"]
+    assert rgb.steps == 4 and rgb.seed == 3  # given: kept
+    depth = cfg.for_target("depth")
+    assert depth.cfg_scale == GenerationConfig.cfg_scale and depth.steps == 4 and depth.schedule == GenerationConfig.schedule
+    # other conditions, or rgb later in a chain: the plain defaults
+    for conditions, targets in (({"caption": "x", "depth": 0}, ["rgb"]), ({"caption": "x"}, ["semseg", "rgb"]), ({"depth": 0}, ["rgb"])):
+        assert request_config(conditions, targets, cfg_scale=None).per_target == {}
+    assert request_config({"caption": "x"}, ["rgb"], cfg_scale=2.0).for_target("rgb").cfg_scale == 2.0
 
 
 @pytest.mark.parametrize("arch", ["encdec", "decoder"])

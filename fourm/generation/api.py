@@ -68,6 +68,17 @@ def text_to_image_config(**over) -> GenerationConfig:
     return GenerationConfig(**{**TEXT_TO_IMAGE, **over})
 
 
+def request_config(conditions, targets, **given) -> GenerationConfig:
+    """A request's settings: ``given`` (``None`` values count as not given) over the defaults, and
+    where the first target is rgb drawn from a caption alone, the text -> image settings for rgb in
+    every control not given (``per_target["rgb"]``)."""
+    config = GenerationConfig(**{k: v for k, v in given.items() if v is not None})
+    targets = list(targets)
+    if targets[:1] == ["rgb"] and set(conditions) == {"caption"}:
+        config.per_target["rgb"] = {k: v for k, v in TEXT_TO_IMAGE.items() if given.get(k) is None}
+    return config
+
+
 @dataclass
 class GenerationResult:
     """Per modality, per sample: shared-vocabulary ids and decoded raw values; for sequence targets
