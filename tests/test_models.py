@@ -576,3 +576,20 @@ def test_encdec_saved_before_cross_rope_loads_position_blind(tmp_path, caplog):
     assert not torch.allclose(placed, placed[:, :1].expand_as(placed), atol=1e-4)
     with pytest.raises(ValueError, match="positions"):
         tiny_encdec().context_kvs(torch.zeros(1, 2, 64))
+
+
+@pytest.mark.parametrize("make", [tiny_decoder, tiny_encdec])
+def test_zero_init_out_starts_every_block_as_the_identity(make):
+    # only the residual branches' output projections start at zero; everything else as before
+    plain, zeroed = make(), make(zero_init_out=True)
+    names = {n for n, p in zeroed.named_parameters() if not p.any()}
+    assert names and all(n.endswith(("wo.weight", "down.weight")) for n in names)
+    assert all(".wo." in n or ".down." in n or torch.equal(p, dict(plain.named_parameters())[n]) for n, p in zeroed.named_parameters())
+    n_out = sum(isinstance(m, (Attention, CrossAttention)) for m in zeroed.modules()) + sum(n.endswith("down.weight") for n, _ in zeroed.named_parameters())
+    assert len(names) == n_out
+    # each block passes its input through unchanged
+    block = (zeroed.blocks if hasattr(zeroed, "blocks") else zeroed.encoder)[0]
+    x = torch.randn(1, 5, 64)
+    cos, sin = rope_cos_sin(torch.arange(5)[None], zeroed.config.rope_inv_freq())
+    assert torch.equal(block(x, cos, sin, None), x)
+    assert not torch.equal((plain.blocks if hasattr(plain, "blocks") else plain.encoder)[0](x, cos, sin, None), x)

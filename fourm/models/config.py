@@ -37,6 +37,9 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     z_loss: float = 0.0
+    # the residual branches' output projections (attention and cross-attention ``wo``, the MLP's
+    # ``down``) start at zero, so every block starts as the identity (modded-nanogpt's init)
+    zero_init_out: bool = False
     attention_backend: str = "sdpa"
 
     def __post_init__(self) -> None:

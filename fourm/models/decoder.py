@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
+from fourm.models.layers import CAUSAL, Attention, Block, CrossAttention, KVCache, RMSNorm, SwiGLU, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -66,7 +66,7 @@ class DecoderLM(nn.Module, Pretrained):
             allowed, spans = modality_tables(config.vocab_size, config.modalities + ["(tags)"], {**config.modality_ranges, "(tags)": [[0, config.vocab_size]]})
             self.register_buffer("allowed", allowed, persistent=False)
             self.spans = spans
-        self.apply(_init_weights)
+        init_weights(self, config.zero_init_out)
 
     def new_cache(self, capacity: int = 256, static: bool = False) -> list[KVCache]:
         """Per-layer KV caches; ``static`` ones (fixed shapes, for compiled decoding) hold
@@ -254,6 +254,20 @@ def _static_mask(cache_position: torch.Tensor, capacity: int, attention_mask) ->
     if attention_mask is not None:
         mask = (mask & padding_mask(attention_mask)) | (slots == cache_position[:, None])[None, None]
     return mask
+
+
+def init_weights(model: nn.Module, zero_init_out: bool = False) -> None:
+    """Normal(0, 0.02) weights and zero biases; with ``zero_init_out`` the blocks' residual
+    output projections (``TransformerConfig.zero_init_out``) start at zero."""
+    model.apply(_init_weights)
+    if zero_init_out:
+        for block in model.modules():
+            if isinstance(block, Block):
+                for sub in block.modules():
+                    if isinstance(sub, (Attention, CrossAttention)):
+                        nn.init.zeros_(sub.wo.weight)
+                    elif isinstance(sub, SwiGLU):
+                        nn.init.zeros_(sub.down.weight)
 
 
 def _init_weights(module: nn.Module) -> None:

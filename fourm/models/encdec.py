@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.decoder import _init_weights
+from fourm.models.decoder import init_weights
 from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
@@ -106,7 +106,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         # per modality, the ids its targets may take and the smallest id span holding them
         allowed, self.spans = modality_tables(config.vocab_size, config.modalities, config.modality_ranges)
         self.register_buffer("allowed", allowed, persistent=False)
-        self.apply(_init_weights)
+        init_weights(self, config.zero_init_out)
 
     def modality_index(self, name: str) -> int:
         try:
