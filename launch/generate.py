@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from fourm.cli import ArgumentParser, UsageError, non_negative_int, positive_int, run, setup_logging
-from fourm.generation.api import generate, request_config
+from fourm.generation.api import GenerationConfig, generate, request_config
 from fourm.generation.files import load_inputs, open_model, parse_from, save_outputs
 from fourm.generation.sampling import TEXT_TO_IMAGE
 
@@ -35,12 +35,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizers", default=None, help="tokenizer set (default: the one recorded with the model, or with --adapter)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (launch/train.py with lora.enabled) applied to --model")
     t2i = ", ".join(f"{k} {v}" for k, v in TEXT_TO_IMAGE.items())
-    p.add_argument("--steps", type=positive_int, default=None, help="MaskGIT/ROAR steps per image target (default 8)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 0: off)")
-    p.add_argument("--choice-temperature", type=float, default=None, help="MaskGIT: Gumbel noise on the choice of tokens to fix, annealed to 0 (default 0: by confidence)")
-    p.add_argument("--schedule", default=None, choices=["cosine", "linear"], help="MaskGIT/ROAR unmasking schedule (default cosine)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1)")
-    p.add_argument("--top-k", type=non_negative_int, default=None, help=f"top-k (default 0: all ids). rgb drawn first from a caption alone takes the text -> image settings for what is not given: {t2i}")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"MaskGIT/ROAR steps per image target (default {GenerationConfig.steps})")
+    p.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default {GenerationConfig.cfg_scale:g}; 0: off)")
+    p.add_argument("--choice-temperature", type=float, default=None, help=f"MaskGIT: Gumbel noise on the choice of tokens to fix, annealed to 0 (default {GenerationConfig.choice_temperature:g}; 0: by confidence)")
+    p.add_argument("--schedule", default=None, choices=["cosine", "linear"], help=f"MaskGIT/ROAR unmasking schedule (default {GenerationConfig.schedule})")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {GenerationConfig.temperature:g})")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help=f"top-k (default {GenerationConfig.top_k}; 0: all ids). rgb drawn first from a caption alone takes the text -> image settings for what is not given: {t2i}")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--scheme", default="auto", choices=["auto", "maskgit", "roar", "autoregressive"])
     p.add_argument("--seed", type=non_negative_int, default=0)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import CAUSAL, Attention, Block, CrossAttention, KVCache, RMSNorm, SwiGLU, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
+from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -263,11 +263,8 @@ def init_weights(model: nn.Module, zero_init_out: bool = False) -> None:
     if zero_init_out:
         for block in model.modules():
             if isinstance(block, Block):
-                for sub in block.modules():
-                    if isinstance(sub, (Attention, CrossAttention)):
-                        nn.init.zeros_(sub.wo.weight)
-                    elif isinstance(sub, SwiGLU):
-                        nn.init.zeros_(sub.down.weight)
+                for proj in (block.attn.wo, block.mlp.down, *([block.cross.wo] if block.cross is not None else [])):
+                    nn.init.zeros_(proj.weight)
 
 
 def _init_weights(module: nn.Module) -> None:
