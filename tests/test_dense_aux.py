@@ -80,7 +80,7 @@ def test_the_head_predicts_every_pixel_and_the_loss_is_its_cross_entropy():
     assert float(none) == 0.0 and model.aux_head.weight.grad is not None
     with pytest.raises(ValueError, match="outside this model's 5 aux_classes"):
         model.dense_aux_loss(enc, torch.full((2, 3, 16), 5))
-    with pytest.raises(ValueError, match="patches have 16"):
+    with pytest.raises(ValueError, match="head reads 16 \(4x4 patches\)"):
         model.dense_aux_loss(enc, torch.zeros(2, 3, 9, dtype=torch.long))
     assert _model().aux_head is None
     for bad in ({"aux_labels": "semseg"}, {"aux_classes": 5}, {"aux_labels": "semseg", "aux_classes": 5, "aux_weight": -1.0}):
@@ -189,3 +189,57 @@ def test_token_shards_keep_the_object_label_maps_and_the_model_trains_on_them(to
     assert all("loss/aux" in json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines())
     proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(tmp_path / "p"), "--max-steps", "2", "--set", "model.aux_labels=objects", "--set", "model.aux_classes=5", *tiny)
     assert_usage_error(proc, "have 53 classes but the model's aux head predicts 5: --set model.aux_classes=53")
+
+
+def test_object_extents_give_every_object_pixel_its_objects_box():
+    from fourm.data.object_labels import object_extents
+
+    labels = np.array([[0, 0, 0, 0], [0, 5, 5, 1], [0, 5, 6, 1], [1, 1, 6, 1]], np.uint8)
+    got = object_extents(labels, first=5)
+    assert got.shape == (4, 4, 4) and got.dtype == np.int16
+    assert (got[:, labels < 5] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(got[:, 1, 1], [1, 1, 3, 3])  # class 5: columns 1-2, rows 1-2
+    np.testing.assert_array_equal(got[:, 2, 1], [1, 1, 3, 3])
+    np.testing.assert_array_equal(got[:, 3, 2], [2, 2, 3, 4])  # class 6: column 2, rows 2-3
+    assert (object_extents(labels, first=7) == IGNORE_INDEX).all()
+
+
+def test_the_box_head_regresses_each_object_pixels_box_in_patch_units():
+    from fourm.data.object_labels import object_extents
+
+    model = _model(aux_labels="objects", aux_classes=8, aux_weight=2.0, aux_box_from=5, aux_box_weight=0.5)
+    classes = np.zeros((16, 16), np.uint8)
+    classes[2:7, 3:12] = 6
+    stack = np.concatenate([classes[None].astype(np.int16), object_extents(classes, 5)])
+    toks = _tokens(np.random.default_rng(0))
+    plans, _ = plan_masking(np.random.default_rng(1), toks, KINDS, MaskingConfig(input_budget=24, target_budget=24), SENTINELS)
+    ex = encdec_example(toks, plans, VOCAB, GRIDS, dense_labels=stack)
+    assert ex.enc_dense_labels.shape == (len(ex.enc_ids), 5 * 16)
+    rgb = ex.enc_modality == list(VOCAB.modalities).index("rgb")
+    np.testing.assert_array_equal(ex.enc_dense_labels[rgb], image_patches(stack, 4)[next(p for p in plans if p.name == "rgb").input_idx])
+    labels = torch.full((1, 2, 80), IGNORE_INDEX)
+    labels[0, 0] = torch.as_tensor(image_patches(stack, 4)[1])  # token 1 of the grid: an object in part of it
+    enc = torch.randn(1, 2, 32)
+    pred = model.aux_box_head(enc[0, 0]).view(4, 16)
+    box = torch.as_tensor(image_patches(stack, 4)[1][16:].reshape(4, 16)).float()
+    keep = box != IGNORE_INDEX
+    want = F.smooth_l1_loss(pred[keep], box[keep] / 4)
+    assert int(keep.sum()) == 4 * 8 and torch.equal(box[:, keep[0]][:, 0], torch.tensor([3.0, 2.0, 12.0, 7.0]))
+    torch.testing.assert_close(model.dense_box_loss(enc, labels), want)
+    torch.testing.assert_close(model._aux(enc, labels)["aux_loss"], 2.0 * model.dense_aux_loss(enc, labels) + 0.5 * want)
+    with pytest.raises(ValueError, match="head reads 80"):
+        model.dense_aux_loss(enc, labels[..., :16])
+    for bad in ({"aux_box_from": 5}, {"aux_labels": "objects", "aux_classes": 5, "aux_box_from": 5}, {"aux_labels": "objects", "aux_classes": 8, "aux_box_from": 5, "aux_box_weight": -1.0}):
+        with pytest.raises(ValueError, match="aux_box_from needs aux_labels"):
+            EncDecConfig(arch="encdec", **bad)
+
+
+def test_training_with_the_box_term_reads_the_object_maps(token_dir, tmp_path):
+    tiny = ["--set", "model.dim=64", "--set", "model.enc_layers=1", "--set", "model.dec_layers=1", "--set", "data.batch_size=8", "--set", "data.shuffle_buffer=16", "--set", "log_every=5", "--quiet"]
+    aux = ["--set", "model.aux_classes=53", "--set", "model.aux_box_from=5", "--set", "model.aux_weight=0"]
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(tmp_path / "o"), "--max-steps", "40", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5", "--set", "model.aux_labels=objects", *aux, *tiny)
+    assert proc.returncode == 0, proc.stderr
+    m = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert m[-1]["loss/aux"] < 0.7 * m[0]["loss/aux"]  # the box term alone (class weight 0) falls
+    proc = run_program("launch/train.py", "--config", "configs/train/tiny_encdec.yaml", "--data", str(token_dir), "--out", str(tmp_path / "p"), "--max-steps", "2", "--set", "model.aux_labels=semseg", *aux, *tiny)
+    assert_usage_error(proc, "reads object boxes from the object label maps, not 'semseg' maps")

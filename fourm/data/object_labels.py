@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fourm.sequence import IGNORE_INDEX
+
 OBJECT_LABELS = "objects"  # the map's name among the token shards' label maps (objects.labels.npy)
 
 
@@ -43,3 +45,19 @@ def object_label_map(semseg: np.ndarray, instance: np.ndarray, boxes: list[dict]
     lut[lut < stuff] = -1  # a label that names a semseg class is not an object class
     picked = lut[instance.astype(np.int64)]
     return np.where(picked >= 0, picked, semseg).astype(np.uint8)
+
+
+def object_extents(labels: np.ndarray, first: int) -> np.ndarray:
+    """(R, R) object label map, the first object class id (the number of semseg classes) ->
+    (4, R, R) int16: at every pixel of an object class (>= ``first``), the box of all pixels of its
+    class, ``x0 y0 x1 y1`` in pixels (ends exclusive, as ``boxes.json``); ``IGNORE_INDEX`` elsewhere. Two
+    objects of one label in a scene share the box around both (the map does not tell them apart);
+    an object partly hidden gets the box of what shows."""
+    out = np.full((4, *labels.shape), IGNORE_INDEX, np.int16)
+    for c in np.unique(labels):
+        if c < first:
+            continue
+        where = labels == c
+        rows, cols = np.nonzero(where.any(1))[0], np.nonzero(where.any(0))[0]
+        out[:, where] = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.int16)[:, None]
+    return out

@@ -64,11 +64,19 @@ class EncDecConfig(TransformerConfig):
     aux_labels: str = ""
     aux_classes: int = 0
     aux_weight: float = 1.0
+    # > 0: a second head on the same tokens regresses, at every pixel of an object (a class of the
+    # map from this id on: the number of semseg classes in an object label map), the box of its
+    # object's pixels (``object_extents``, in patch units), smooth L1 times ``aux_box_weight``:
+    # where each object is, for the box decoder to read off the encoder
+    aux_box_from: int = 0
+    aux_box_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if bool(self.aux_labels) != (self.aux_classes > 0) or self.aux_weight < 0:
             raise ValueError(f"aux_labels and aux_classes go together (a label modality and its number of classes > 0) and aux_weight must be >= 0, got {self.aux_labels!r}, {self.aux_classes}, {self.aux_weight}")
+        if self.aux_box_from and not (self.aux_labels and 0 < self.aux_box_from < self.aux_classes) or self.aux_box_from < 0 or self.aux_box_weight < 0:
+            raise ValueError(f"aux_box_from needs aux_labels and a first object class id in (0, aux_classes), and aux_box_weight must be >= 0, got {self.aux_box_from} of {self.aux_classes} classes, weight {self.aux_box_weight}")
         if self.pixel_patch < 1 or not 0.0 <= self.pixel_dropout < 1.0:
             raise ValueError(f"pixel_patch must be >= 1 and pixel_dropout in [0, 1), got {self.pixel_patch} and {self.pixel_dropout}")
         if self.pixel_stem not in ("linear", "conv"):
@@ -101,6 +109,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         if config.rgb_pixels:
             self.pixel_embed = ConvPixelStem(config.pixel_patch, config.dim) if config.pixel_stem == "conv" else nn.Linear(3 * config.pixel_patch**2, config.dim, bias=False)
         self.aux_head = nn.Linear(config.dim, config.aux_classes * config.pixel_patch**2) if config.aux_labels else None
+        self.aux_box_head = nn.Linear(config.dim, 4 * config.pixel_patch**2) if config.aux_box_from else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # per modality, the ids its targets may take and the smallest id span holding them
@@ -238,21 +247,44 @@ class EncoderDecoder(nn.Module, Pretrained):
         ce, lse = span_cross_entropy(self.lm_head, h, y, mods, self.spans, self.allowed)
         return {"ce": ce, "lse": lse, "index": index}
 
+    def _dense_rows(self, encoder_out: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encoder_out (B, S, dim), labels (B, S, width) -> (M, dim), (M, width) of the M tokens
+        with a labelled pixel, the labels checked against the heads."""
+        c, n = self.config.aux_classes, self.config.pixel_patch**2
+        width = 5 * n if self.aux_box_head is not None else n
+        if labels.shape[-1] != width:
+            raise ValueError(f"dense labels of {labels.shape[-1]} values a token, but this model's head reads {width} ({self.config.pixel_patch}x{self.config.pixel_patch} patches{', class then box maps' if width > n else ''})")
+        rows = (labels[..., :n] != IGNORE_INDEX).any(-1)  # (B, S)
+        y = labels[rows]
+        if bool((y[:, :n] >= c).any()):
+            raise ValueError(f"a {self.config.aux_labels} label {int(y[:, :n].max())} is outside this model's {c} aux_classes")
+        return encoder_out[rows], y
+
     def dense_aux_loss(self, encoder_out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The dense auxiliary loss (``EncDecConfig.aux_labels``): encoder_out (B, S, dim), labels
-        (B, S, p * p) class ids of each token's patch, -100 where none -> the mean cross-entropy
-        over the labelled pixels (0, still in the graph, where there are none)."""
+        (B, S, p * p) class ids of each token's patch, -100 where none (with ``aux_box_from``,
+        (B, S, 5 * p * p): the class ids, then the patch's four ``object_extents`` maps) -> the
+        mean cross-entropy over the labelled pixels (0, still in the graph, where there are none)."""
         c, n = self.config.aux_classes, self.config.pixel_patch**2
-        rows = (labels != IGNORE_INDEX).any(-1)  # (B, S)
-        if labels.shape[-1] != n:
-            raise ValueError(f"dense labels of {labels.shape[-1]} pixels a token, but this model's patches have {n} ({self.config.pixel_patch}x{self.config.pixel_patch})")
-        y = labels[rows]  # (M, p * p)
-        if bool((y >= c).any()):
-            raise ValueError(f"a {self.config.aux_labels} label {int(y.max())} is outside this model's {c} aux_classes")
-        logits = self.aux_head(encoder_out[rows]).view(-1, n, c).float()  # (M, p * p, C)
+        h, y = self._dense_rows(encoder_out, labels)
+        logits = self.aux_head(h).view(-1, n, c).float()  # (M, p * p, C)
         if not y.numel():
             return logits.sum() * 0.0 + sum(w.sum() for w in self.aux_head.parameters()) * 0.0
-        return F.cross_entropy(logits.reshape(-1, c), y.reshape(-1), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.reshape(-1, c), y[:, :n].reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def dense_box_loss(self, encoder_out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The box term (``EncDecConfig.aux_box_from``): labels as ``dense_aux_loss``'s, (B, S,
+        5 * p * p) -> the smooth L1 (beta: one patch) between the box head's outputs and the
+        object boxes (x0, y0, x1, y1 of every object pixel) in patch units, mean over the object
+        pixels' coordinates (0, still in the graph, where there are none)."""
+        n = self.config.pixel_patch**2
+        h, y = self._dense_rows(encoder_out, labels)
+        pred = self.aux_box_head(h).float()  # (M, 4 * p * p), channel-major like the maps
+        extents = y[:, n:]
+        keep = extents != IGNORE_INDEX
+        if not bool(keep.any()):
+            return pred.sum() * 0.0 + sum(w.sum() for w in self.aux_box_head.parameters()) * 0.0
+        return F.smooth_l1_loss(pred[keep], extents[keep].float() / self.config.pixel_patch, beta=1.0)
 
     def forward(
         self,
@@ -301,5 +333,9 @@ class EncoderDecoder(nn.Module, Pretrained):
         if self.aux_head is None:
             return {}
         if labels is None:  # a batch without label maps: DDP still waits for the head's gradient
-            return {"aux_loss": sum(w.sum() for w in self.aux_head.parameters()) * 0.0} if self.training else {}
-        return {"aux_loss": self.config.aux_weight * self.dense_aux_loss(encoder_out, labels)}
+            heads = [self.aux_head] + ([self.aux_box_head] if self.aux_box_head is not None else [])
+            return {"aux_loss": sum(w.sum() for head in heads for w in head.parameters()) * 0.0} if self.training else {}
+        loss = self.config.aux_weight * self.dense_aux_loss(encoder_out, labels)
+        if self.aux_box_head is not None:
+            loss = loss + self.config.aux_box_weight * self.dense_box_loss(encoder_out, labels)
+        return {"aux_loss": loss}

@@ -62,16 +62,17 @@ def encdec_example(tokens: dict[str, np.ndarray], plans: list[ModalityPlan], voc
     ``t0 .. t(L-1) [EOS]``, causal within the modality. ``pixels``: {image modality: (C, R, R)
     uint8} (the images the tokens were made from): the example then carries each visible token's
     pixel patch (``enc_pixels``, ``enc_pixel_mask``; see ``EncDecConfig.rgb_pixels``); ``{}``
-    gives the fields without any patch. ``dense_labels``: an (R, R) uint8 class map on the rgb
-    grid (R a multiple of it): the example then carries ``enc_dense_labels``, each rgb input
-    token's patch of it (None: no field; batched beside examples that have it, all -100).
+    gives the fields without any patch. ``dense_labels``: an (R, R) class map on the rgb grid (R a
+    multiple of it), or (K, R, R) maps (the class map, then ``object_extents``' four): the example
+    then carries ``enc_dense_labels``, each rgb input token's patch of them, (S, K * p * p)
+    channel-major (None: no field; batched beside examples that have it, all -100).
     """
     names = list(vocab.modalities)
     enc = {"ids": [], "mod": [], "pos": []}
     patches = {m: image_patches(img, grids[m]) for m, img in pixels.items() if m in tokens} if pixels is not None else None
     pix: list[tuple[int, np.ndarray]] = []  # (offset of the modality's inputs in the encoder row, their patches)
     dense: list[tuple[int, np.ndarray]] = []  # the same for the rgb inputs' label patches
-    label_patches = image_patches(dense_labels[None], grids[DENSE_LABEL_INPUTS]) if dense_labels is not None else None
+    label_patches = image_patches(dense_labels if dense_labels.ndim == 3 else dense_labels[None], grids[DENSE_LABEL_INPUTS]) if dense_labels is not None else None
     dec = {"ids": [], "mod": [], "pos": [], "causal": [], "labels": []}
     for plan in plans:
         m, mi = plan.name, names.index(plan.name)

@@ -36,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fourm.data.codecs import CorruptMember, decode_npy
 from fourm.data.loader import SkipCounter, SkippedSample, flag_truncated_shards
+from fourm.data.object_labels import object_extents
 from fourm.data.shards import expand_shards
 from fourm.objectives.builders import collate_decoder, collate_encdec
 from fourm.objectives.mixture import ObjectiveConfig, make_example
@@ -170,10 +171,13 @@ def decode_labels(sample: dict, modality: str, grids: dict[str, int]) -> np.ndar
 class TokenStream(IterableDataset):
     """Endless batches of objective examples from token shards (see the module docstring).
     ``pixels``: examples also carry the rgb inputs' pixel patches (``EncDecConfig.rgb_pixels``);
-    ``labels``: a modality whose class maps they carry too (``EncDecConfig.aux_labels``)."""
+    ``labels``: a modality whose class maps they carry too (``EncDecConfig.aux_labels``);
+    ``box_from`` > 0: with each map, its objects' extents (``object_extents``, classes from this id
+    on; ``EncDecConfig.aux_box_from``)."""
 
-    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False, labels: str = "", origin: Origin | None = None, positions: bool = False):
+    def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False, labels: str = "", origin: Origin | None = None, positions: bool = False, box_from: int = 0):
         super().__init__()
+        self.box_from = box_from
         self.cfg, self.arch, self.vocab, self.kinds, self.grids, self.objective = cfg, arch, vocab, kinds, grids, objective
         self.rank, self.world, self.skip, self.pixels, self.labels = rank, world, skip, pixels, labels
         self.origin = origin or Origin()  # the first epoch and the samples passed over (a resharded resume)
@@ -208,6 +212,8 @@ class TokenStream(IterableDataset):
                 pixels = decode_pixels(sample, tokens, self.grids) if self.pixels else None
                 # a sample without a map (or without rgb) still trains, without the auxiliary loss
                 labels = decode_labels(sample, self.labels, self.grids) if self.labels and "rgb" in tokens else None
+                if labels is not None and self.box_from:
+                    labels = np.concatenate([labels[None].astype(np.int16), object_extents(labels, self.box_from)])
             except (CorruptMember, SkippedSample) as exn:
                 self.skipped.record(exn)
                 continue

@@ -418,7 +418,10 @@ def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedV
         classes = manifest.get("object_classes") if labels == OBJECT_LABELS else None
         if classes and len(classes) > model_config.aux_classes:
             raise ValueError(f"the token shards' {labels} maps have {len(classes)} classes but the model's aux head predicts {model_config.aux_classes}: --set model.aux_classes={len(classes)}")
-    return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels, labels=labels, origin=origin, positions=True)
+    box_from = int(getattr(model_config, "aux_box_from", 0))
+    if box_from and labels != OBJECT_LABELS:
+        raise ValueError(f"the model's box term (aux_box_from) reads object boxes from the object label maps, not {labels!r} maps: --set model.aux_labels={OBJECT_LABELS}")
+    return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels, labels=labels, origin=origin, positions=True, box_from=box_from)
 
 
 def _choose_precision(run: _Run, data, resumed_autocast: str | None):
