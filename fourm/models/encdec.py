@@ -265,22 +265,27 @@ class EncoderDecoder(nn.Module, Pretrained):
         (B, S, p * p) class ids of each token's patch, -100 where none (with ``aux_box_from``,
         (B, S, 5 * p * p): the class ids, then the patch's four ``object_extents`` maps) -> the
         mean cross-entropy over the labelled pixels (0, still in the graph, where there are none)."""
-        c, n = self.config.aux_classes, self.config.pixel_patch**2
-        h, y = self._dense_rows(encoder_out, labels)
-        logits = self.aux_head(h).view(-1, n, c).float()  # (M, p * p, C)
-        if not y.numel():
-            return logits.sum() * 0.0 + sum(w.sum() for w in self.aux_head.parameters()) * 0.0
-        return F.cross_entropy(logits.reshape(-1, c), y[:, :n].reshape(-1), ignore_index=IGNORE_INDEX)
+        return self._class_loss(*self._dense_rows(encoder_out, labels))
 
     def dense_box_loss(self, encoder_out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The box term (``EncDecConfig.aux_box_from``): labels as ``dense_aux_loss``'s, (B, S,
         5 * p * p) -> the smooth L1 (beta: one patch) between the box head's outputs and the
         object boxes (x0, y0, x1, y1 of every object pixel) in patch units, mean over the object
         pixels' coordinates (0, still in the graph, where there are none)."""
-        n = self.config.pixel_patch**2
-        h, y = self._dense_rows(encoder_out, labels)
+        return self._box_loss(*self._dense_rows(encoder_out, labels))
+
+    def _class_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``dense_aux_loss`` on ``_dense_rows``' (M, dim) outputs and (M, width) labels."""
+        c, n = self.config.aux_classes, self.config.pixel_patch**2
+        logits = self.aux_head(h).view(-1, n, c).float()  # (M, p * p, C)
+        if not y.numel():
+            return logits.sum() * 0.0 + sum(w.sum() for w in self.aux_head.parameters()) * 0.0
+        return F.cross_entropy(logits.reshape(-1, c), y[:, :n].reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def _box_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``dense_box_loss`` on ``_dense_rows``' (M, dim) outputs and (M, 5 * p * p) labels."""
         pred = self.aux_box_head(h).float()  # (M, 4 * p * p), channel-major like the maps
-        extents = y[:, n:]
+        extents = y[:, self.config.pixel_patch**2 :]
         keep = extents != IGNORE_INDEX
         if not bool(keep.any()):
             return pred.sum() * 0.0 + sum(w.sum() for w in self.aux_box_head.parameters()) * 0.0
@@ -335,7 +340,8 @@ class EncoderDecoder(nn.Module, Pretrained):
         if labels is None:  # a batch without label maps: DDP still waits for the head's gradient
             heads = [self.aux_head] + ([self.aux_box_head] if self.aux_box_head is not None else [])
             return {"aux_loss": sum(w.sum() for head in heads for w in head.parameters()) * 0.0} if self.training else {}
-        loss = self.config.aux_weight * self.dense_aux_loss(encoder_out, labels)
+        h, y = self._dense_rows(encoder_out, labels)  # once for both heads
+        loss = self.config.aux_weight * self._class_loss(h, y)
         if self.aux_box_head is not None:
-            loss = loss + self.config.aux_box_weight * self.dense_box_loss(encoder_out, labels)
+            loss = loss + self.config.aux_box_weight * self._box_loss(h, y)
         return {"aux_loss": loss}

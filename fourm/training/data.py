@@ -177,9 +177,8 @@ class TokenStream(IterableDataset):
 
     def __init__(self, cfg: StreamConfig, arch: str, vocab: SharedVocab, kinds: dict[str, str], grids: dict[str, int], objective: ObjectiveConfig, rank: int = 0, world: int = 1, skip: int = 0, pixels: bool = False, labels: str = "", origin: Origin | None = None, positions: bool = False, box_from: int = 0):
         super().__init__()
-        self.box_from = box_from
         self.cfg, self.arch, self.vocab, self.kinds, self.grids, self.objective = cfg, arch, vocab, kinds, grids, objective
-        self.rank, self.world, self.skip, self.pixels, self.labels = rank, world, skip, pixels, labels
+        self.rank, self.world, self.skip, self.pixels, self.labels, self.box_from = rank, world, skip, pixels, labels, box_from
         self.origin = origin or Origin()  # the first epoch and the samples passed over (a resharded resume)
         self.positions = positions  # batches carry their samples' ids and the worker's oldest epoch (``data_position``)
         # local directories, globs and brace patterns; webdataset URLs (pipe:..., https://...)
