@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: JudgeConfig's)")
     p.add_argument("--minutes", type=non_negative_float, default=None, help="training time cap (default: JudgeConfig's)")
     p.add_argument("--round-trip-share", type=non_negative_float, default=None, help="share of images replaced by round trips, in [0, 1] (default: JudgeConfig's; needs --tokenizers)")
+    p.add_argument("--width", type=positive_int, default=None, help="the segmenter's base width (default: JudgeConfig's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images a step (default: JudgeConfig's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     setup_logging()
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     require_shards(args.data, "--data")
     from fourm.eval.judge import JudgeConfig, round_trip_of, save_segmenter, train_segmenter
 
-    given = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.minutes), ("round_trip_share", args.round_trip_share)) if v is not None}
+    given = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.minutes), ("round_trip_share", args.round_trip_share), ("width", args.width), ("batch_size", args.batch_size)) if v is not None}
     try:
         config = JudgeConfig(seed=args.seed, **given)
     except ValueError as exn:

@@ -74,7 +74,7 @@ def test_judge_on_true_images_with_true_segmentation(scenes):
         truth = scene_object_counts(scenes["scene"][i])
         assert sum((Counter((o["color"], o["shape"]) for o in found) - truth).values()) <= 1  # hardly any invented object
     true_acc, shuffled_acc = summarize(verdicts)["accuracy"], summarize(shuffled)["accuracy"]
-    assert true_acc >= 0.75 and shuffled_acc <= 0.15, (true_acc, shuffled_acc)  # 0.825 and 0.0 measured
+    assert true_acc >= 0.75 and shuffled_acc <= 0.15, (true_acc, shuffled_acc)  # 0.875 and 0.0 measured
 
 
 def test_find_objects_splits_by_colour_and_votes_on_shape():
@@ -92,6 +92,23 @@ def test_find_objects_splits_by_colour_and_votes_on_shape():
     # one colour, two shapes each holding a large part: split by shape
     seg[8:16, 12:20], rgb[8:16, 12:20] = CLASSES.index("sphere"), red
     assert sorted((o["color"], o["shape"]) for o in find_objects(rgb, seg)) == [("red", "cube"), ("red", "sphere")]
+
+
+def test_a_small_object_touching_a_large_one_is_found():
+    """A small object in front of a large one of another colour is its own object even when it
+    is under a tenth of their connected region (it borders the ground), while a highlight of the
+    same size inside an object (it borders none) is not."""
+    blue, green = COLORS["blue"], COLORS["green"]
+    rgb = np.full((32, 32, 3), 200, np.uint8)
+    seg = np.ones((32, 32), np.int64)
+    rgb[4:18, 4:18], seg[4:18, 4:18] = blue, CLASSES.index("cube")  # 196 pixels
+    rgb[18:22, 8:12], seg[18:22, 8:12] = green, CLASSES.index("sphere")  # 16 pixels: 7.5% of the region
+    found = sorted(find_objects(rgb, seg), key=lambda o: o["pixels"])
+    assert [(o["color"], o["shape"]) for o in found] == [("green", "sphere"), ("blue", "cube")]
+    assert judge("a green sphere in front of a blue cube", found)["correct"]
+    rgb[18:22, 8:12], seg[18:22, 8:12] = 200, CLASSES.index("ground")
+    rgb[8:12, 8:12] = COLORS["gray"]  # a highlight: 16 pixels inside the cube
+    assert [(o["color"], o["shape"]) for o in find_objects(rgb, seg)] == [("blue", "cube")]
 
 
 def test_a_blended_outline_is_not_an_object_of_its_own():

@@ -217,11 +217,14 @@ def color_name(pixels: np.ndarray) -> str:
     return _PALETTE_NAMES[int(_nearest_palette(np.median(pixels.astype(np.float64), axis=0)))]
 
 
-def _parts(region: np.ndarray, labels: np.ndarray, min_pixels: int, share: float) -> list[np.ndarray]:
+def _parts(region: np.ndarray, labels: np.ndarray, min_pixels: int, share: float, small_share: float | None = None) -> list[np.ndarray]:
     """The connected parts of ``region`` (H, W) bool within which ``labels`` (H, W) is constant,
     keeping those of at least ``min_pixels`` and ``share`` of the region that are more than a thin
     rim: at least ``min_pixels`` survive a morphological opening. A decoded image's object edges
-    blend into the ground, and the blend reads as another colour along the outline."""
+    blend into the ground, and the blend reads as another colour along the outline. With
+    ``small_share``, parts of ``small_share`` to ``share`` of the region are kept too when at least
+    a third of their outline borders the ground: a small object in front of a large one does, a
+    highlight inside one does not."""
     from scipy import ndimage
 
     keep, size = [], int(region.sum())
@@ -229,17 +232,30 @@ def _parts(region: np.ndarray, labels: np.ndarray, min_pixels: int, share: float
         sub, n = ndimage.label(region & (labels == value))
         for i in range(1, n + 1):
             part = sub == i
-            if part.sum() >= max(min_pixels, share * size) and ndimage.binary_opening(part).sum() >= min_pixels:
+            pixels = part.sum()
+            if pixels < min_pixels or ndimage.binary_opening(part).sum() < min_pixels:
+                continue
+            if pixels >= share * size or (small_share is not None and pixels >= small_share * size and _exposed(part, region) >= 1 / 3):
                 keep.append(part)
     return keep
 
 
-def find_objects(rgb: np.ndarray, seg: np.ndarray, min_pixels: int = 8, color_share: float = 0.1, shape_share: float = 0.3) -> list[dict]:
+def _exposed(part: np.ndarray, region: np.ndarray) -> float:
+    """The share of ``part``'s outline (the pixels just outside it) that lies outside ``region``."""
+    from scipy import ndimage
+
+    ring = ndimage.binary_dilation(part) & ~part
+    return float((ring & ~region).sum() / max(int(ring.sum()), 1))
+
+
+def find_objects(rgb: np.ndarray, seg: np.ndarray, min_pixels: int = 8, color_share: float = 0.1, small_share: float = 0.03, shape_share: float = 0.3) -> list[dict]:
     """Objects in a segmentation: rgb (H, W, 3) uint8, seg (H, W) class ids ->
     [{"shape", "color", "cx", "bottom", "pixels"}].
 
     Instances: each connected foreground region (any shape class) is split by pixel colour into
-    parts of at least ``color_share`` of it (touching objects of different colours), then by
+    parts of at least ``color_share`` of it (touching objects of different colours), or of at least
+    ``small_share`` when a third of the part's outline borders the ground (a small object in front
+    of a large one can be 4% of their region; a highlight inside one borders no ground), then by
     shape class only where each shape holds at least ``shape_share`` of the part (touching
     objects of one colour); otherwise its shape is the majority of its pixels' classes, so a few
     mislabelled pixels neither invent an object nor split one. Parts under ``min_pixels`` are
@@ -254,7 +270,7 @@ def find_objects(rgb: np.ndarray, seg: np.ndarray, min_pixels: int = 8, color_sh
         region = foreground == i
         if region.sum() < min_pixels:
             continue
-        for part in _parts(region, colors, min_pixels, color_share) or [region]:
+        for part in _parts(region, colors, min_pixels, color_share, small_share) or [region]:
             shapes = _parts(part, seg, min_pixels, shape_share)
             for obj in shapes if len(shapes) > 1 else [part]:
                 ys, xs = np.nonzero(obj)
