@@ -228,14 +228,16 @@ def _parts(region: np.ndarray, labels: np.ndarray, min_pixels: int, share: float
     from scipy import ndimage
 
     keep, size = [], int(region.sum())
+    floor = share if small_share is None else min(share, small_share)
     for value in np.unique(labels[region]):
         sub, n = ndimage.label(region & (labels == value))
         for i in range(1, n + 1):
             part = sub == i
-            pixels = part.sum()
-            if pixels < min_pixels or ndimage.binary_opening(part).sum() < min_pixels:
+            pixels = int(part.sum())
+            # cheapest test first: most parts of a decoded image are specks under the floor
+            if pixels < max(min_pixels, floor * size) or ndimage.binary_opening(part).sum() < min_pixels:
                 continue
-            if pixels >= share * size or (small_share is not None and pixels >= small_share * size and _exposed(part, region) >= 1 / 3):
+            if pixels >= share * size or _exposed(part, region) >= 1 / 3:
                 keep.append(part)
     return keep
 
