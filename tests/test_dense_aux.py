@@ -88,6 +88,35 @@ def test_the_head_predicts_every_pixel_and_the_loss_is_its_cross_entropy():
             EncDecConfig(arch="encdec", **bad)
 
 
+def test_the_stem_head_reads_the_pixel_features_the_encoder_adds():
+    model = _model(aux_labels="semseg", aux_classes=5, aux_weight=1.0, rgb_pixels=True, aux_stem_weight=3.0).train()
+    rng = np.random.default_rng(0)
+    b, s = 2, 3
+    ids = torch.as_tensor(VOCAB.to_global("rgb", torch.as_tensor(rng.integers(0, 64, (b, s)))))
+    modality = torch.full((b, s), list(VOCAB.modalities).index("rgb"))
+    positions = torch.zeros(b, s, 2, dtype=torch.long)
+    pixels = torch.as_tensor(rng.integers(0, 256, (b, s, 48)), dtype=torch.uint8)
+    labels = torch.full((b, s, 16), IGNORE_INDEX)
+    labels[0, 1] = torch.arange(16) % 5
+    stem: list = []
+    enc = model.encode(ids, modality, positions, torch.ones(b, s, dtype=torch.bool), pixels=pixels, stem_out=stem)
+    features = model.pixel_features(pixels, torch.ones(b, s, dtype=torch.bool), positions)
+    torch.testing.assert_close(stem[0], features)
+    want = model._class_loss(enc[0, 1:2], labels[0, 1:2]) + 3.0 * F.cross_entropy(model.aux_stem_head(features[0, 1]).view(16, 5), labels[0, 1])
+    got = model._aux(enc, labels, stem)["aux_loss"]
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert model.aux_stem_head.weight.grad.abs().sum() > 0 and model.pixel_embed.weight.grad.abs().sum() > 0
+    # no patches in the batch: the head still gets a (zero) gradient, for DDP
+    model.zero_grad()
+    model._aux(enc.detach(), labels, [])["aux_loss"].backward()
+    assert model.aux_stem_head.weight.grad is not None and float(model.aux_stem_head.weight.grad.abs().sum()) == 0.0
+    assert _model(aux_labels="semseg", aux_classes=5).aux_stem_head is None
+    for bad in ({"aux_labels": "semseg", "aux_classes": 5, "aux_stem_weight": 1.0}, {"rgb_pixels": True, "aux_stem_weight": 1.0}, {"aux_labels": "semseg", "aux_classes": 5, "rgb_pixels": True, "aux_stem_weight": -1.0}):
+        with pytest.raises(ValueError, match="aux_stem_weight needs aux_labels and rgb_pixels"):
+            EncDecConfig(arch="encdec", **bad)
+
+
 def test_token_shards_keep_the_semseg_maps(token_dir, synth_dir):
     from fourm.data.codecs import decode_member
 

@@ -70,6 +70,10 @@ class EncDecConfig(TransformerConfig):
     # where each object is, for the box decoder to read off the encoder
     aux_box_from: int = 0
     aux_box_weight: float = 1.0
+    # > 0: the same per-pixel classes are also read by a head of their own off the pixel stem's
+    # features (before the encoder's blocks), times ``aux_stem_weight``: deep supervision that
+    # reaches the stem without passing through the transformer
+    aux_stem_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +81,8 @@ class EncDecConfig(TransformerConfig):
             raise ValueError(f"aux_labels and aux_classes go together (a label modality and its number of classes > 0) and aux_weight must be >= 0, got {self.aux_labels!r}, {self.aux_classes}, {self.aux_weight}")
         if self.aux_box_from and not (self.aux_labels and 0 < self.aux_box_from < self.aux_classes) or self.aux_box_from < 0 or self.aux_box_weight < 0:
             raise ValueError(f"aux_box_from needs aux_labels and a first object class id in (0, aux_classes), and aux_box_weight must be >= 0, got {self.aux_box_from} of {self.aux_classes} classes, weight {self.aux_box_weight}")
+        if self.aux_stem_weight < 0 or self.aux_stem_weight and not (self.aux_labels and self.rgb_pixels):
+            raise ValueError(f"aux_stem_weight needs aux_labels and rgb_pixels (a pixel stem to supervise) and must be >= 0, got {self.aux_stem_weight}")
         if self.pixel_patch < 1 or not 0.0 <= self.pixel_dropout < 1.0:
             raise ValueError(f"pixel_patch must be >= 1 and pixel_dropout in [0, 1), got {self.pixel_patch} and {self.pixel_dropout}")
         if self.pixel_stem not in ("linear", "conv"):
@@ -110,6 +116,7 @@ class EncoderDecoder(nn.Module, Pretrained):
             self.pixel_embed = ConvPixelStem(config.pixel_patch, config.dim) if config.pixel_stem == "conv" else nn.Linear(3 * config.pixel_patch**2, config.dim, bias=False)
         self.aux_head = nn.Linear(config.dim, config.aux_classes * config.pixel_patch**2) if config.aux_labels else None
         self.aux_box_head = nn.Linear(config.dim, 4 * config.pixel_patch**2) if config.aux_box_from else None
+        self.aux_stem_head = nn.Linear(config.dim, config.aux_classes * config.pixel_patch**2) if config.aux_stem_weight else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # per modality, the ids its targets may take and the smallest id span holding them
@@ -139,14 +146,18 @@ class EncoderDecoder(nn.Module, Pretrained):
         weight = self.pixel_embed.weight
         return self.pixel_embed(scaled_pixels(pixels, weight.dtype)) * keep[..., None].to(weight.dtype)
 
-    def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, layout: Unpadded | None = None, pixels: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, ids: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, layout: Unpadded | None = None, pixels: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None, stem_out: list | None = None) -> torch.Tensor:
         """Encoder. ids, modality (B, S); positions (B, S, 2) or (B, S); valid (B, S) -> (B, S, dim).
         ``layout`` (``Unpadded.of(valid)``): every layer but attention on the real tokens only ->
         (1, N, dim). ``pixels`` (B, S, 3 * p * p) uint8 and ``pixel_mask`` (B, S): the tokens'
-        pixel patches, read by a model with ``rgb_pixels`` (``pixel_features``), ignored by others."""
+        pixel patches, read by a model with ``rgb_pixels`` (``pixel_features``), ignored by others.
+        ``stem_out``: a list the pixel features (B, S, dim) are appended to, when there are any."""
         x = self.embed(ids) + self.modality_embeddings(modality)
         if self.pixel_embed is not None and pixels is not None:
-            x = x + self.pixel_features(pixels, pixel_mask if pixel_mask is not None else torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device), positions)
+            features = self.pixel_features(pixels, pixel_mask if pixel_mask is not None else torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device), positions)
+            if stem_out is not None:
+                stem_out.append(features)
+            x = x + features
         elif self.pixel_embed is not None and self.training:  # a batch without patches: DDP still waits for this layer's gradient
             x = x + sum(w.sum() for w in self.pixel_embed.parameters()) * 0.0
         if layout is not None:
@@ -274,12 +285,14 @@ class EncoderDecoder(nn.Module, Pretrained):
         pixels' coordinates (0, still in the graph, where there are none)."""
         return self._box_loss(*self._dense_rows(encoder_out, labels))
 
-    def _class_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``dense_aux_loss`` on ``_dense_rows``' (M, dim) outputs and (M, width) labels."""
+    def _class_loss(self, h: torch.Tensor, y: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """``dense_aux_loss`` on ``_dense_rows``' (M, dim) outputs and (M, width) labels, read by
+        ``head`` (default ``aux_head``)."""
         c, n = self.config.aux_classes, self.config.pixel_patch**2
-        logits = self.aux_head(h).view(-1, n, c).float()  # (M, p * p, C)
+        head = head if head is not None else self.aux_head
+        logits = head(h).view(-1, n, c).float()  # (M, p * p, C)
         if not y.numel():
-            return logits.sum() * 0.0 + sum(w.sum() for w in self.aux_head.parameters()) * 0.0
+            return logits.sum() * 0.0 + sum(w.sum() for w in head.parameters()) * 0.0
         return F.cross_entropy(logits.reshape(-1, c), y[:, :n].reshape(-1), ignore_index=IGNORE_INDEX)
 
     def _box_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -319,11 +332,13 @@ class EncoderDecoder(nn.Module, Pretrained):
         at the labelled positions (``out.ce``, ``out.lse``, ``out.index``)."""
         if loss_labels is not None:  # training: every layer but attention on the real tokens only
             enc_layout, dec_layout = Unpadded.of(enc_valid), Unpadded.of(dec_valid, needed=(loss_labels != IGNORE_INDEX).reshape(-1).nonzero()[:, 0])
-            enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, enc_layout, enc_pixels, enc_pixel_mask)
+            stem: list[torch.Tensor] = []
+            enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, enc_layout, enc_pixels, enc_pixel_mask, stem)
             hidden = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, return_hidden=True, enc_positions=enc_positions, enc_layout=enc_layout, layout=dec_layout)
             padded = enc_layout.pad(enc) if enc_layout is not None else enc
-            return Seq2SeqOutput(logits=None, loss=None, encoder_out=padded, **self.token_losses(hidden, dec_modality, loss_labels, dec_layout), **self._aux(padded, enc_dense_labels))
-        enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, pixels=enc_pixels, pixel_mask=enc_pixel_mask)
+            return Seq2SeqOutput(logits=None, loss=None, encoder_out=padded, **self.token_losses(hidden, dec_modality, loss_labels, dec_layout), **self._aux(padded, enc_dense_labels, stem))
+        stem = []
+        enc = self.encode(enc_ids, enc_modality, enc_positions, enc_valid, pixels=enc_pixels, pixel_mask=enc_pixel_mask, stem_out=stem)
         logits = self.decode(enc, enc_valid, dec_ids, dec_modality, dec_positions, dec_causal, dec_valid, enc_positions=enc_positions)
         loss = None
         if labels is not None:
@@ -332,16 +347,23 @@ class EncoderDecoder(nn.Module, Pretrained):
             loss = F.cross_entropy(picked, labels[keep]) if picked.numel() else logits.sum() * 0.0
             if self.config.z_loss and picked.numel():
                 loss = loss + z_loss(picked, self.config.z_loss)  # logsumexp ignores the -inf columns
-        return Seq2SeqOutput(logits=logits, loss=loss, encoder_out=enc, **self._aux(enc, enc_dense_labels))
+        return Seq2SeqOutput(logits=logits, loss=loss, encoder_out=enc, **self._aux(enc, enc_dense_labels, stem))
 
-    def _aux(self, encoder_out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _aux(self, encoder_out: torch.Tensor, labels: torch.Tensor | None, stem: list[torch.Tensor] = ()) -> dict[str, torch.Tensor]:
+        """The auxiliary losses, summed and weighted, as ``{"aux_loss"}``; ``stem``: ``encode``'s
+        ``stem_out`` (the pixel features, for ``aux_stem_weight``; empty without patches)."""
         if self.aux_head is None:
             return {}
+        heads = [h for h in (self.aux_head, self.aux_box_head, self.aux_stem_head) if h is not None]
         if labels is None:  # a batch without label maps: DDP still waits for the head's gradient
-            heads = [self.aux_head] + ([self.aux_box_head] if self.aux_box_head is not None else [])
             return {"aux_loss": sum(w.sum() for head in heads for w in head.parameters()) * 0.0} if self.training else {}
         h, y = self._dense_rows(encoder_out, labels)  # once for both heads
         loss = self.config.aux_weight * self._class_loss(h, y)
         if self.aux_box_head is not None:
             loss = loss + self.config.aux_box_weight * self._box_loss(h, y)
+        if self.aux_stem_head is not None:
+            if stem:
+                loss = loss + self.config.aux_stem_weight * self._class_loss(*self._dense_rows(stem[0], labels), self.aux_stem_head)
+            else:
+                loss = loss + sum(w.sum() for w in self.aux_stem_head.parameters()) * 0.0
         return {"aux_loss": loss}
