@@ -193,6 +193,50 @@ def choose_autocast(device_type: str, wanted: bool, workload: str, step: Callabl
     return choice
 
 
+class StepTrial:
+    """Confirms a timed choice on the run's own training steps, where a probe of a few steps can
+    mislead (a burst of other load during its seconds; kernels built for shapes the probe never
+    met; the optimizer and the data loader, which it leaves out). After ``settle`` steps in the
+    chosen dtype, ``blocks`` blocks of ``block`` steps alternate between the other dtype and the
+    chosen one (so a burst of load slows both); then the dtype of the lower median seconds per
+    token is kept, bf16 only where fp32 takes ``WORKLOAD_PAYS`` times as long, as the probe decides.
+    Every step is a real training step: the cost is the other dtype's extra time over its
+    ``blocks // 2 * block`` steps.
+
+    ``dtype()``: the dtype the next step runs in; ``record(seconds, tokens)`` after it;
+    ``decided``: the trial is over and ``dtype()`` is the kept one."""
+
+    def __init__(self, chosen: torch.dtype | None, settle: int = 10, block: int = 15, blocks: int = 4):
+        if settle < 0 or block < 1 or blocks < 2 or blocks % 2:
+            raise ValueError(f"a step trial needs settle >= 0, block >= 1 and an even blocks >= 2, got {settle}, {block}, {blocks}")
+        self.chosen, self.other = chosen, (None if chosen is torch.bfloat16 else torch.bfloat16)
+        self.settle, self.block, self.blocks = settle, block, blocks
+        self.steps = 0
+        self.per_token: dict[object, list[float]] = {None: [], torch.bfloat16: []}
+        self.kept: torch.dtype | None = chosen
+        self.decided = False
+
+    def dtype(self) -> torch.dtype | None:
+        if self.decided or self.steps < self.settle:
+            return self.kept
+        return self.other if (self.steps - self.settle) // self.block % 2 == 0 else self.chosen
+
+    def record(self, seconds: float, tokens: int) -> None:
+        if self.decided:
+            return
+        if self.steps >= self.settle:
+            self.per_token[self.dtype()].append(seconds / max(tokens, 1))
+        self.steps += 1
+        if self.steps >= self.settle + self.block * self.blocks:
+            fp32, bf16 = self.medians()
+            self.kept = torch.bfloat16 if fp32 / max(bf16, 1e-15) >= WORKLOAD_PAYS else None
+            self.decided = True
+
+    def medians(self) -> tuple[float, float]:
+        """Median seconds per token so far in fp32 and in bf16 (inf where none)."""
+        return tuple(statistics.median(self.per_token[d]) if self.per_token[d] else float("inf") for d in (None, torch.bfloat16))
+
+
 def training_step(module: torch.nn.Module, loss_of: Callable[[int], torch.Tensor], device_type: str = "cpu") -> Callable[[torch.dtype | None, int], None]:
     """``step(dtype, i)`` for ``choose_autocast``: ``loss_of(i)`` (the i-th probe batch's loss) under autocast to ``dtype``, backward,
     ``module``'s gradients cleared, its buffers (a VQ codebook's EMA) and torch's RNG put back: a

@@ -194,3 +194,46 @@ def test_a_probe_step_changes_nothing_that_follows():
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(model.ema, torch.zeros(4))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("chosen, fp32_s, bf16_s, kept", [
+    (torch.bfloat16, 3.0, 4.0, None),  # the probe chose bf16, the run's steps say fp32
+    (None, 4.0, 3.0, torch.bfloat16),  # the probe chose fp32, the run's steps say bf16
+    (torch.bfloat16, 3.0, 2.0, torch.bfloat16),
+    (None, 3.0, 2.95, None),  # within WORKLOAD_PAYS: fp32 kept
+])
+def test_the_runs_own_steps_confirm_or_overturn_the_probe(chosen, fp32_s, bf16_s, kept):
+    trial = precision.StepTrial(chosen, settle=2, block=3, blocks=4)
+    ran = []
+    while not trial.decided:
+        dtype = trial.dtype()
+        ran.append(dtype)
+        # seconds per token: tokens vary per step, the per-token cost is the dtype's
+        tokens = 100 + 10 * len(ran)
+        trial.record((fp32_s if dtype is None else bf16_s) * tokens, tokens)
+    other = None if chosen is torch.bfloat16 else torch.bfloat16
+    # settle in the chosen dtype, then blocks alternating, the other first
+    assert ran == [chosen] * 2 + [other] * 3 + [chosen] * 3 + [other] * 3 + [chosen] * 3
+    assert trial.dtype() is kept
+    assert trial.medians() == pytest.approx((fp32_s, bf16_s))
+    trial.record(1e9, 1)  # after the decision, nothing changes it
+    assert trial.dtype() is kept and trial.medians() == pytest.approx((fp32_s, bf16_s))
+
+
+def test_a_burst_of_load_in_one_block_does_not_overturn_the_trial():
+    trial = precision.StepTrial(None, settle=0, block=4, blocks=4)
+    step = 0
+    while not trial.decided:
+        dtype = trial.dtype()
+        seconds = 2.0 if dtype is torch.bfloat16 else 3.0
+        if step in (0, 1, 2):  # a burst of load slowing three bf16 steps of the first block...
+            seconds = 9.0
+        trial.record(seconds, 1)
+        step += 1
+    assert trial.dtype() is torch.bfloat16  # ...leaves the median over both bf16 blocks at 2.0
+
+
+def test_a_step_trial_needs_sensible_sizes():
+    for bad in ({"settle": -1}, {"block": 0}, {"blocks": 3}, {"blocks": 0}):
+        with pytest.raises(ValueError, match="step trial needs"):
+            precision.StepTrial(None, **bad)

@@ -336,6 +336,43 @@ def test_the_loop_times_its_own_step_and_a_resumed_run_keeps_the_choice(token_di
     assert set(seen) == {torch.bfloat16}
 
 
+def test_the_runs_own_steps_overturn_a_probe_that_misled(token_dir, tmp_path, monkeypatch):
+    """A timed choice is tried on the run's first steps (``StepTrial``, injected step times here):
+    the probe said bf16, the run's steps say fp32, and the rest of the run and its checkpoint are
+    fp32; with ``precision_trial=false`` the probe's choice holds."""
+    import torch
+
+    from fourm import precision
+    from fourm.training import loop
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    monkeypatch.setattr(precision, "time_steps", lambda step, rounds=8, timer=None: (0.3, 0.1))  # the probe: bf16 3x as fast
+
+    class Trial(precision.StepTrial):  # small, and timed by the dtype alone: bf16 twice as slow a token
+        def __init__(self, chosen):
+            super().__init__(chosen, settle=1, block=2, blocks=2)
+
+        def record(self, seconds, tokens):
+            super().record((2.0 if self.dtype() is torch.bfloat16 else 1.0) * tokens, tokens)
+
+    monkeypatch.setattr(loop, "StepTrial", Trial)
+    seen = []
+    real_forward = loop.Engine.forward
+    monkeypatch.setattr(loop.Engine, "forward", lambda self, batch: seen.append(self.autocast_dtype) or real_forward(self, batch))
+    loop.train(_tiny_cfg(token_dir, "max_steps=7"), tmp_path / "run", progress=False)
+    bf16 = torch.bfloat16
+    assert seen == [bf16, None, None, bf16, bf16, None, None]  # settle, fp32 block, bf16 block, then fp32 kept
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000007" / "state.json").read_text())
+    assert state["autocast"] == "float32"
+    seen.clear()
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    loop.train(_tiny_cfg(token_dir, "max_steps=7", "precision_trial=false"), tmp_path / "untried", progress=False)
+    assert seen == [bf16] * 7
+
+
 def test_the_probe_leaves_the_run_as_it_would_have_been(token_dir, tmp_path, monkeypatch):
     """Timing the first batch both ways changes nothing: the same weights as a run told its
     precision (fp32 both)."""

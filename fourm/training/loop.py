@@ -42,6 +42,7 @@ from fourm.models.build import build_model
 from fourm.models.grow import load_for_vocab
 from fourm.models.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.objectives.mixture import ObjectiveConfig
+from fourm.precision import StepTrial
 from fourm.schedule import warmup_cosine
 from fourm.sequence import IGNORE_INDEX
 from fourm.training import checkpoint as ckpt
@@ -72,6 +73,8 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     bf16: bool = True
+    # a timed precision choice is confirmed on the run's first 70 steps (``fourm.precision.StepTrial``)
+    precision_trial: bool = True
     compile: bool = False
     activation_checkpointing: bool = False
     loss_mode: str = "modality_mean"  # modality_mean | token
@@ -261,7 +264,7 @@ class _Run:
 
 def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bool, progress: bool) -> dict:
     run, done = _set_up(cfg, out, deepspeed_config, resume)
-    data = _choose_precision(run, iter(make_loader(run.stream)), done.autocast)
+    data, trial = _choose_precision(run, iter(make_loader(run.stream)), done.autocast)
     report = _Report(run, done.step, progress)
     start_time, start_step = time.perf_counter(), done.step
     tf = _time_fraction(cfg, start_time)  # measured once per step (a collective under torch.distributed)
@@ -271,7 +274,15 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
         while done.step < cfg.max_steps and not (cfg.max_tokens and done.tokens >= cfg.max_tokens) and tf < 1.0:
             lr = _step_lr(cfg, done.step, start_step, tf)
             run.engine.set_lr(lr)
+            if trial is not None:
+                run.engine.autocast_dtype = trial.dtype()
+                step_start = time.perf_counter()
             losses, mod_losses, applied, seen = _train_step(run, done, data, faults)
+            if trial is not None:
+                trial.record(time.perf_counter() - step_start, seen)
+                if trial.decided:
+                    _keep_trial(run, trial)
+                    trial = None
             done.step += 1
             report.bar.update()
             report.window_tokens += seen
@@ -424,20 +435,38 @@ def _token_stream(cfg: TrainConfig, model_config, manifest: dict, vocab: SharedV
     return TokenStream(cfg.data, model_config.arch, vocab, kinds, grids, cfg.objective, rank=rank, world=world, skip=skip, pixels=pixels, labels=labels, origin=origin, positions=True, box_from=box_from)
 
 
-def _choose_precision(run: _Run, data, resumed_autocast: str | None):
+def _choose_precision(run: _Run, data, resumed_autocast: str | None) -> tuple[object, StepTrial | None]:
     """The step's precision: the one a resumed run started with, else chosen by timing the first
-    batches' steps both ways; returns ``data`` with those batches still to be trained on."""
+    batches' steps both ways; returns ``data`` with those batches still to be trained on, and for
+    a timed choice the ``StepTrial`` that confirms it on the run's first steps."""
     engine, cfg = run.engine, run.cfg
     if resumed_autocast in AUTOCAST_NAMES and engine.kind != "deepspeed" and cfg.bf16:
         engine.autocast_dtype = AUTOCAST_NAMES[resumed_autocast]
         if engine.is_main:
             log.info("precision: %s, as the run started (its checkpoint says so)", resumed_autocast)
-        return data
+        return data, None
     firsts = list(itertools.islice(data, PROBE_BATCHES))
+    trial = None
     if firsts:
-        engine.choose_precision(_workload_name(cfg, run.arch, run.trainable, run.world), _probe_step(engine, firsts, run.arch, cfg.loss_mode, run.z_weight))
+        choice = engine.choose_precision(_workload_name(cfg, run.arch, run.trainable, run.world), _probe_step(engine, firsts, run.arch, cfg.loss_mode, run.z_weight))
         data = itertools.chain(firsts, data)
-    return data
+        if choice is not None and choice.reason == "timed" and cfg.precision_trial:
+            trial = StepTrial(engine.autocast_dtype)
+    return data, trial
+
+
+def _keep_trial(run: _Run, trial: StepTrial) -> None:
+    """Run the rest in the dtype ``trial`` kept (rank 0's, on every rank), and log why."""
+    dtype = trial.dtype()
+    if dist.is_initialized():
+        flag = torch.tensor([int(dtype is torch.bfloat16)])
+        dist.broadcast(flag, src=0)
+        dtype = torch.bfloat16 if int(flag) else None
+    run.engine.autocast_dtype = dtype
+    if run.engine.is_main:
+        fp32, bf16 = trial.medians()
+        n = len(trial.per_token[None])
+        log.info("precision on the run's own steps (%d a dtype): bf16 %.1f us a token against fp32 %.1f: %s%s", n, bf16 * 1e6, fp32 * 1e6, "bf16 autocast" if dtype is torch.bfloat16 else "float32", "" if dtype is trial.chosen else ", not the probe's choice")
 
 
 # -- one step ----------------------------------------------------------------------------------------
