@@ -198,14 +198,17 @@ def test_rgb_known_only_as_ids_is_read_through_its_decoding(monkeypatch):
     assert len(decodes) == 2  # the last target's pixels are not decoded: nothing reads them
 
 
-def test_the_conv_stem_reads_neighbours_never_hidden_patches_whatever_the_batch():
+@pytest.mark.parametrize("full_res", [0, 8])
+def test_the_conv_stem_reads_neighbours_never_hidden_patches_whatever_the_batch(full_res):
     """``pixel_stem: conv``: a token's feature changes with a visible neighbour's pixels (the
     linear stem's does not), never with a hidden patch's, and is the same alone or batched beside
-    an example whose visible patches reach further (the canvas is only as large as needed)."""
+    an example whose visible patches reach further (the canvas is only as large as needed); with
+    a full-resolution first convolution too, whose wider view still ends at the canvas's margin."""
     from fourm.models.pixel_stem import ConvPixelStem
 
     torch.manual_seed(0)
-    stem = ConvPixelStem(4, 32).eval()
+    stem = ConvPixelStem(4, 32, full_res).eval()
+    assert (stem.net[0].stride, stem.net[0].out_channels) == (((1, 1), 8) if full_res else ((2, 2), stem.net[0].out_channels))
     g, p = 4, 4
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, (3, g * p, g * p), dtype=np.uint8)
@@ -249,3 +252,6 @@ def test_a_conv_stem_model_encodes_and_checks_its_config():
         EncDecConfig(pixel_stem="cnn")
     with pytest.raises(ValueError, match="power-of-two"):
         EncDecConfig(rgb_pixels=True, pixel_stem="conv", pixel_patch=6)
+    with pytest.raises(ValueError, match="stem_full_res needs pixel_stem: conv"):
+        EncDecConfig(rgb_pixels=True, pixel_stem="linear", stem_full_res=16)
+    assert _model(pixel_stem="conv", stem_full_res=8).pixel_embed.net[0].out_channels == 8

@@ -260,3 +260,45 @@ def test_tokenizer_set_save_load_equality(tset, batch, tmp_path):
     save_file({**state, key: state[key][:-1].contiguous()}, str(weights))
     with pytest.raises(ValueError, match=rf"does not fit its config \({key}: shape"):
         TokenizerSet.from_pretrained(tmp_path / "set")
+
+
+def test_random_crops_cut_every_tensor_alike_on_the_token_grid():
+    from fourm.tokenizers.train_image import random_crops
+
+    rgb = torch.arange(4 * 3 * 64 * 64).view(4, 3, 64, 64)
+    weight = rgb[:, 0].float()  # (B, H, W): the crop of channel 0
+    cut, wcut, none = random_crops([rgb, weight, None], 32, 8, torch.Generator().manual_seed(0))
+    assert cut.shape == (4, 3, 32, 32) and wcut.shape == (4, 32, 32) and none is None
+    assert torch.equal(cut[:, 0].float(), wcut)
+    offsets = set()
+    for i in range(4):
+        y, x = divmod(int(cut[i, 0, 0, 0]) - i * 3 * 64 * 64, 64)
+        assert y % 8 == 0 and x % 8 == 0 and torch.equal(cut[i], rgb[i, :, y : y + 32, x : x + 32])
+        offsets.add((y, x))
+    assert len(offsets) > 1  # a crop per sample, not one for the batch
+    assert random_crops([rgb], 64, 8, torch.Generator())[0] is rgb
+    with pytest.raises(ValueError, match="multiple"):
+        random_crops([rgb], 30, 8, torch.Generator())
+
+
+def test_a_tokenizer_trains_on_crops_and_still_encodes_whole_images(synth_dir, batch):
+    from fourm.tokenizers.train_image import ImageTokenizerTrainingConfig, ImageTrainConfig, train_image_tokenizer
+
+    seen = []
+    cfg = ImageTokenizerTrainingConfig(tokenizer=ImageTokenizerConfig(modality="depth", **TINY), train=ImageTrainConfig(batch_size=4, max_steps=3, val_every=3, val_samples=8, num_workers=0, bf16=False, crop=16))
+    model, history = train_image_tokenizer(cfg, synth_dir, synth_dir, progress=False)
+    assert history["steps"] == 3 and all(torch.isfinite(torch.tensor(history["loss"]))) and history["val"][0]["delta1"] > 0
+    handle = model.encoder.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[-2:])))
+    model(batch["depth"][..., :16, :16])  # the training pass takes crops ...
+    ids, _ = model.encode(batch["depth"])  # ... encoding keeps whole images
+    handle.remove()
+    assert seen == [(16, 16), (64, 64)] and ids.shape == (len(batch["depth"]), model.config.grid**2)
+    with pytest.raises(ValueError, match="tokenizer expects 64x64"):
+        model.encode(batch["depth"][..., :16, :16])
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model(batch["depth"][..., :20, :20])
+    cfg.train.crop = 12
+    with pytest.raises(ValueError, match="train.crop 12"):
+        train_image_tokenizer(cfg, synth_dir, progress=False)
+    with pytest.raises(ValueError, match="crop >= 0"):
+        ImageTrainConfig(crop=-8)

@@ -3,6 +3,8 @@ two ranks on CPU (gloo), data splitting, config errors."""
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import subprocess
@@ -170,6 +172,17 @@ def test_warmup_cosine_schedule():
     assert lr_at(100, cfg, 100) == pytest.approx(0.1) and lr_at(500, cfg, 100) == pytest.approx(0.1)
     values = [lr_at(s, cfg, 100) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_the_warm_up_ends_at_its_share_of_a_run_cut_short():
+    """A time-capped run that makes few steps is not spent warming up: the warm-up ends after
+    warmup_steps or warmup_share of the run's progress, whichever comes first."""
+    from fourm.schedule import warmup_cosine
+
+    assert warmup_cosine(9, 0.01, 1.0, 100, 0.05) == pytest.approx(0.1)  # by steps, as before
+    assert warmup_cosine(9, 0.01, 1.0, 100, 0.05, warmup_share=0.05) == pytest.approx(0.2)  # progress is ahead
+    assert warmup_cosine(20, 0.06, 1.0, 100, 0.05, warmup_share=0.05) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.06)))
+    assert warmup_cosine(20, 0.5, 1.0, 100, 0.05) == pytest.approx(0.21)  # no share: by steps alone
 
 
 @pytest.mark.parametrize("arch,mode,z,softmax", [("encdec", "token_mean", 0.0, []), ("encdec", "modality_mean", 1e-4, []), ("decoder", "token_mean", 1e-4, ["modality_softmax=false"]),

@@ -57,6 +57,9 @@ class EncDecConfig(TransformerConfig):
     # "linear": each patch projected on its own; "conv": stride-2 convolutions over the visible
     # patches put back in place, so a token's feature sees its neighbours' pixels (``pixel_stem.py``)
     pixel_stem: str = "linear"
+    # conv stem only, > 0: a 3x3 stride-1 convolution of this many channels at full resolution
+    # before its stride-2 stack (``ConvPixelStem``'s ``full_res``)
+    stem_full_res: int = 0
     # a dense auxiliary loss on the encoder (deep supervision from labels the shards already hold):
     # each rgb input token's output predicts the class of every pixel of its patch in the label map
     # of ``aux_labels`` (e.g. "semseg", ``aux_classes`` classes), a linear head, weight
@@ -87,6 +90,8 @@ class EncDecConfig(TransformerConfig):
             raise ValueError(f"pixel_patch must be >= 1 and pixel_dropout in [0, 1), got {self.pixel_patch} and {self.pixel_dropout}")
         if self.pixel_stem not in ("linear", "conv"):
             raise ValueError(f"pixel_stem must be 'linear' or 'conv', got {self.pixel_stem!r}")
+        if self.stem_full_res < 0 or self.stem_full_res and self.pixel_stem != "conv":
+            raise ValueError(f"stem_full_res needs pixel_stem: conv and must be >= 0, got {self.stem_full_res} with {self.pixel_stem!r}")
         if self.rgb_pixels and self.pixel_stem == "conv" and (self.pixel_patch < 2 or self.pixel_patch & (self.pixel_patch - 1)):
             raise ValueError(f"pixel_stem: conv needs a power-of-two pixel_patch >= 2, got {self.pixel_patch}")
 
@@ -113,7 +118,7 @@ class EncoderDecoder(nn.Module, Pretrained):
             raise ValueError("rgb_pixels needs an rgb modality in the vocabulary")
         self.pixel_embed: nn.Module | None = None
         if config.rgb_pixels:
-            self.pixel_embed = ConvPixelStem(config.pixel_patch, config.dim) if config.pixel_stem == "conv" else nn.Linear(3 * config.pixel_patch**2, config.dim, bias=False)
+            self.pixel_embed = ConvPixelStem(config.pixel_patch, config.dim, config.stem_full_res) if config.pixel_stem == "conv" else nn.Linear(3 * config.pixel_patch**2, config.dim, bias=False)
         self.aux_head = nn.Linear(config.dim, config.aux_classes * config.pixel_patch**2) if config.aux_labels else None
         self.aux_box_head = nn.Linear(config.dim, 4 * config.pixel_patch**2) if config.aux_box_from else None
         self.aux_stem_head = nn.Linear(config.dim, config.aux_classes * config.pixel_patch**2) if config.aux_stem_weight else None

@@ -8,6 +8,10 @@ Xiao et al. 2021, "Early Convolutions Help Transformers See Better"), and gives 
 feature of its cell: so a token's feature sees its neighbours' pixels (edges and corners that cross
 patch borders), never those of a hidden patch. Kernels of 4 with padding 1, not 3: a cell then
 sees its own patch and p - 1 pixels on every side (3x3 stride-2 stacks see only up and left).
+``full_res`` > 0 puts one 3x3 stride-1 convolution of that many channels before the stride-2
+stack, at the pixels' own resolution (the first stride-2 layer otherwise halves a 5-pixel object
+before anything has read its outline); a cell then sees p pixels on every side, still within the
+canvas's margin.
 
 The canvas reaches one patch beyond the batch's furthest visible patch: past that margin lies only
 what a cell's receptive field (its patch and p - 1 pixels around) cannot reach from a visible
@@ -31,15 +35,17 @@ class ConvPixelStem(nn.Module):
     where a token has its patch, positions (B, S, 2) its (row, column) in the token grid ->
     (B, S, dim) features, zero where a token has no patch."""
 
-    def __init__(self, patch: int, dim: int):
+    def __init__(self, patch: int, dim: int, full_res: int = 0):
         super().__init__()
         n = patch.bit_length() - 1
         if patch < 2 or 1 << n != patch:
             raise ValueError(f"the conv pixel stem needs a power-of-two pixel_patch >= 2, got {patch}")
         self.patch = patch
         self.in_features = 3 * patch * patch
-        channels = [4] + [max(16, dim >> (n - i)) for i in range(1, n)] + [dim]
-        layers: list[nn.Module] = []
+        if full_res < 0:
+            raise ValueError(f"the conv pixel stem's full_res channels must be >= 0, got {full_res}")
+        channels = [full_res or 4] + [max(16, dim >> (n - i)) for i in range(1, n)] + [dim]
+        layers: list[nn.Module] = [nn.Conv2d(4, full_res, 3, padding=1, bias=False), nn.GELU()] if full_res else []
         for i in range(n):
             layers.append(nn.Conv2d(channels[i], channels[i + 1], 4, stride=2, padding=1, bias=False))
             if i < n - 1:

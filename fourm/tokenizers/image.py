@@ -176,15 +176,19 @@ class ImageTokenizer(nn.Module):
         return self.config.codebook_size
 
     # -- modality-specific input and output ------------------------------------------------------
-    def preprocess(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def preprocess(self, raw: torch.Tensor, crops: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw batch -> (model input (B, C_in, H, W) float, per-image depth scale (B, 2) or None).
 
         rgb: uint8 (B, 3, H, W); depth: metres (B, 1, H, W) or (B, H, W); semseg: ids (B, H, W);
-        normals: uint8 (B, 3, H, W) or float unit vectors (B, 3, H, W).
+        normals: uint8 (B, 3, H, W) or float unit vectors (B, 3, H, W). ``crops``: H and W may
+        be any multiples of the downsampling up to the resolution (the training pass on crops).
         """
         cfg = self.config
         size = raw.shape[-2:]
-        if tuple(size) != (cfg.resolution, cfg.resolution):
+        if crops:
+            if size[0] % cfg.downsample or size[1] % cfg.downsample or max(size) > cfg.resolution:
+                raise ValueError(f"{cfg.modality} tokenizer trains on crops of sides that are multiples of {cfg.downsample} up to {cfg.resolution}, got {size[1]}x{size[0]}")
+        elif tuple(size) != (cfg.resolution, cfg.resolution):
             raise ValueError(f"{cfg.modality} tokenizer expects {cfg.resolution}x{cfg.resolution} images, got {size[1]}x{size[0]}")
         if cfg.modality == "semseg":
             ids = raw.long()
@@ -251,8 +255,10 @@ class ImageTokenizer(nn.Module):
         return self.quantizer(self.encoder(x))
 
     def forward(self, raw: torch.Tensor, weight: torch.Tensor | None = None) -> TokenizerOutput:
-        """Training pass on a raw batch; ``weight`` (B, H, W): see ``reconstruction_loss``."""
-        x, _ = self.preprocess(raw)
+        """Training pass on a raw batch, full images or crops of them (sides multiples of the
+        downsampling: the networks are convolutional); ``weight`` (B, H, W): see
+        ``reconstruction_loss``."""
+        x, _ = self.preprocess(raw, crops=True)
         q = self.quantize(x)
         recon = self.decoder(q.z_q.to(x.dtype) if not torch.is_autocast_enabled("cpu") else q.z_q)
         rec = self.reconstruction_loss(recon, raw, x, weight)

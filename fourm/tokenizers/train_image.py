@@ -45,10 +45,19 @@ class ImageTrainConfig:
     # class an image shows an equal share)
     balance_by: str = ""
     balance_power: float = 1.0
+    # the warm-up ends after warmup_steps or this share of the run (steps or minutes, whichever
+    # limit stops it), whichever comes first
+    warmup_share: float = 0.05
+    # > 0: train on random crops of this side (a multiple of the tokenizer's downsampling), each
+    # sample its own, at offsets on the token grid: the networks are convolutional, so a step
+    # costs (crop / resolution) ** 2 of a full one; 0: whole images
+    crop: int = 0
 
     def __post_init__(self) -> None:
         if self.balance_power < 0:
             raise ValueError(f"balance_power must be >= 0, got {self.balance_power}")
+        if not 0 < self.warmup_share <= 1 or self.crop < 0:
+            raise ValueError(f"warmup_share must be in (0, 1] and crop >= 0, got {self.warmup_share} and {self.crop}")
 
 
 @dataclass
@@ -65,7 +74,24 @@ def lr_at(step: int, progress: float, cfg: ImageTrainConfig) -> float:
     Progress is the larger of the step fraction and the time-budget fraction, so the decay ends
     on time whichever limit stops the run.
     """
-    return warmup_cosine(step, progress, cfg.lr, cfg.warmup_steps, 0.05)
+    return warmup_cosine(step, progress, cfg.lr, cfg.warmup_steps, 0.05, cfg.warmup_share)
+
+
+def random_crops(tensors: list[torch.Tensor | None], size: int, grid: int, generator: torch.Generator) -> list[torch.Tensor | None]:
+    """The same random ``size`` x ``size`` crop of each sample's last two dimensions in every
+    tensor of ``tensors`` (each (B, ..., H, W), or None, passed through), a crop per sample, its
+    offsets multiples of ``grid`` (the tokenizer's downsampling, so crops sit on the token
+    grid). ``size`` >= H returns the tensors as they are."""
+    first = next(t for t in tensors if t is not None)
+    h, w = first.shape[-2:]
+    if size >= min(h, w):
+        return tensors
+    if size % grid:
+        raise ValueError(f"crop {size} must be a multiple of the tokenizer's downsampling {grid}")
+    b = first.shape[0]
+    ys = torch.randint(0, (h - size) // grid + 1, (b,), generator=generator) * grid
+    xs = torch.randint(0, (w - size) // grid + 1, (b,), generator=generator) * grid
+    return [None if t is None else torch.stack([t[i, ..., int(y) : int(y) + size, int(x) : int(x) + size] for i, (y, x) in enumerate(zip(ys, xs))]) for t in tensors]
 
 
 @torch.no_grad()
@@ -120,18 +146,29 @@ def train_image_tokenizer(config: ImageTokenizerTrainingConfig, data, val_data=N
             return None
         return torch.stack([torch.ones(present[0].shape) if m is None else class_balanced_weights(m[None], tcfg.balance_power)[0] for m in maps])
 
+    crop_rng = torch.Generator().manual_seed(tcfg.seed)
+    if tcfg.crop and (tcfg.crop % config.tokenizer.downsample or tcfg.crop > config.tokenizer.resolution):
+        raise ValueError(f"train.crop {tcfg.crop} must be a multiple of the tokenizer's downsampling {config.tokenizer.downsample} up to its resolution {config.tokenizer.resolution}")
+
+    def inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's images and pixel weights, cropped when ``crop`` asks."""
+        raw, w = batch[modality], weights(batch)
+        if tcfg.crop:
+            raw, w = random_crops([raw, w], tcfg.crop, config.tokenizer.downsample, crop_rng)
+        return raw, w
+
     batches = iter(loader)
     first = next(batches, None)
     if first is not None:  # precision by timing this tokenizer's own step both ways (one batch: its shapes never vary)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        dtype = choose_autocast("cpu", tcfg.bf16, f"{modality} tokenizer training step: {params:.2f} M parameters, batch {tcfg.batch_size}", training_step(model, lambda i: model(first[modality], weights(first)).loss)).dtype
+        dtype = choose_autocast("cpu", tcfg.bf16, f"{modality} tokenizer training step: {params:.2f} M parameters, batch {tcfg.batch_size}", training_step(model, lambda i: model(*inputs(first)).loss)).dtype
         batches = itertools.chain([first], batches)
     for batch in batches:
         progress = max(step / tcfg.max_steps, (time.perf_counter() - start) / (tcfg.max_minutes * 60))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, tcfg)
         with autocast_for("cpu", dtype):
-            out = model(batch[modality], weights(batch))
+            out = model(*inputs(batch))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
