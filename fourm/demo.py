@@ -53,6 +53,11 @@ class DemoTokenizerConfig:
     # early (held-out delta1 0.989 and mIoU 0.95 after 500 steps), rgb's keeps improving
     minutes: dict[str, float] = field(default_factory=lambda: {"rgb": 3.0, "depth": 1.5, "semseg": 2.0})
     max_steps: int = 3000
+    # the image tokenizers' batch (their configs' 32 suit 10 minutes): in the demo's minutes a
+    # step is what they lack. 2-core AMD EPYC (AVX2, fp32), depth's 1.5 minutes: 419 steps of 8
+    # gave held-out delta1 0.978 and AbsRel 0.035 against 122 steps of 32 at 0.940 and 0.069
+    # (docs/tokenizers.md)
+    batch_size: int = 8
     overrides: list[str] = field(default_factory=list)  # --set style, applied to every image tokenizer
     # coordinate bins of the boxes; 0: data.res, one bin a pixel (the library's default is 1000; at
     # the demo's budget, same shards: mAP@0.5 0.015 with 64 bins against 0.003 with 1000, docs/tokenizers.md)
@@ -62,6 +67,8 @@ class DemoTokenizerConfig:
         bad = [f"{n}={self.minutes.get(n)}" for n in IMAGE_TOKENIZERS if not (self.minutes.get(n) or 0) > 0]
         if bad or set(self.minutes) - set(IMAGE_TOKENIZERS):
             raise ValueError(f"tokenizers.minutes needs minutes > 0 for each of {', '.join(IMAGE_TOKENIZERS)} and no other (got {dict(self.minutes)})")
+        if self.batch_size < 1:
+            raise ValueError(f"tokenizers.batch_size must be >= 1, got {self.batch_size}")
 
 
 IMAGE_TOKENIZERS = ("rgb", "depth", "semseg")
@@ -378,14 +385,14 @@ def stage_tokenizers(config: DemoConfig, out: Path) -> dict:
         if done.is_file():
             report[name] = {"reused": True}
             continue
-        overrides = [f"boxes.bins={config.tokenizers.box_bins or config.data.res}"] if name == "text" else [f"train.max_minutes={config.tokenizers.minutes[name]}", f"train.max_steps={config.tokenizers.max_steps}", f"tokenizer.resolution={config.data.res}", *config.tokenizers.overrides]
+        overrides = [f"boxes.bins={config.tokenizers.box_bins or config.data.res}"] if name == "text" else [f"train.max_minutes={config.tokenizers.minutes[name]}", f"train.max_steps={config.tokenizers.max_steps}", f"train.batch_size={config.tokenizers.batch_size}", f"tokenizer.resolution={config.data.res}", *config.tokenizers.overrides]
         kind, cfg = load_training_config(REPO / "configs" / "tokenizers" / f"{name}.yaml", overrides)
         start = time.perf_counter()
         summary = train_tokenizer(kind, cfg, out / "data" / "train", tok_dir, val=None if kind == "text" else out / "data" / "val")
         entry = {"reused": False, "seconds": round(time.perf_counter() - start, 1)}
         if kind == "image":
             best = summary["history"]["val"][-1] if summary["history"]["val"] else {}
-            entry.update(steps=summary["history"]["steps"], val={k: v for k, v in best.items() if k in ("psnr", "delta1", "abs_rel", "miou", "codebook_usage")})
+            entry.update(steps=summary["history"]["steps"], batch_size=cfg.train.batch_size, val={k: v for k, v in best.items() if k in ("psnr", "delta1", "abs_rel", "miou", "codebook_usage")})
         report[name] = entry
     return report
 

@@ -13,7 +13,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     args = [
         "--out", str(out), "--set", "data.train_scenes=48", "--set", "data.val_scenes=16", "--set", "data.shard_size=16",
         "--set", "overview_scenes=3", "--set", "sample_scenes=3", "--set", "eval.scenes=6", "--set", "eval.steps=2", "--set", "eval.judge_steps=3",
-        "--set", "tokenizers.max_steps=3", "--set", "train.max_steps=4",
+        "--set", "tokenizers.max_steps=3", "--set", "tokenizers.batch_size=4", "--set", "train.max_steps=4",
         "--set", "train.overrides=[data.batch_size=4,data.shuffle_buffer=8,log_every=2,ckpt_every=2]",
     ]
     proc = run_program("launch/demo.py", *args)
@@ -25,7 +25,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     ins = stages["inspect"]
     assert ins["val_samples_read"] == 16 and ins["skipped"]["total"] == 0 and sum(ins["boxes_per_scene"].values()) == 16
     assert 0 < ins["depth_range_m"][0] < ins["depth_range_m"][1]
-    assert stages["tokenizers"]["rgb"]["steps"] == 3 and "psnr" in stages["tokenizers"]["rgb"]["val"]
+    assert stages["tokenizers"]["rgb"]["steps"] == 3 and "psnr" in stages["tokenizers"]["rgb"]["val"] and stages["tokenizers"]["depth"]["batch_size"] == 4
     assert json.loads((out / "tokenizers" / "boxes" / "config.json").read_text())["bins"] == 64  # one bin a pixel at data.res 64
     assert stages["pretokenize"]["train"]["samples"] == 48
     assert stages["train"]["steps"] == 4
