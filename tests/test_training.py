@@ -186,7 +186,8 @@ def test_the_warm_up_ends_at_its_share_of_a_run_cut_short():
 
 
 @pytest.mark.parametrize("arch,mode,z,softmax", [("encdec", "token_mean", 0.0, []), ("encdec", "modality_mean", 1e-4, []), ("decoder", "token_mean", 1e-4, ["modality_softmax=false"]),
-                                                ("decoder", "modality_mean", 1e-4, ["modality_softmax=true"])])
+                                                ("decoder", "modality_mean", 1e-4, ["modality_softmax=true"]), ("encdec", "token_mean", 0.0, ["ordinal_sigma=1.5"]),
+                                                ("decoder", "modality_mean", 0.0, ["modality_softmax=true", "ordinal_sigma=1.5"]), ("decoder", "token_mean", 0.0, ["modality_softmax=false", "ordinal_sigma=1.5"])])
 def test_fast_loss_equals_full_logits(token_dir, arch, mode, z, softmax):
     """The training loop's loss path (padding skipped by every layer but attention; output layer
     only at labelled positions; for the encoder-decoder, and the decoder-only model with
@@ -217,7 +218,10 @@ def test_fast_loss_equals_full_logits(token_dir, arch, mode, z, softmax):
         return out
 
     extra = {"label_modality": label_modality} if arch == "decoder" else {}  # the decoder's per-modality softmax reads it
-    full, full_mod = compute_loss(model(**batch, **extra).logits, labels, label_modality, arch == "decoder", mode, z)
+    if model.config.ordinal_sigma:  # soft coordinate targets: box coordinates are among the labels
+        lo, hi = model.config.ordinal_ranges[0]
+        assert ((labels >= lo) & (labels < hi)).any()
+    full, full_mod = compute_loss(model(**batch, **extra).logits, labels, label_modality, arch == "decoder", mode, z, model.config.ordinal())
     full.backward()
     g_full = grads()
     fast, fast_mod = model_loss(SimpleNamespace(forward=lambda b: model(**b)), batch, labels, label_modality, arch, mode, z)

@@ -24,8 +24,13 @@ from fourm.vocab import SharedVocab
 ARCHS = {"decoder": (DecoderConfig, DecoderLM), "encdec": (EncDecConfig, EncoderDecoder)}
 
 
+# id spaces whose ids are ordered values: neighbouring ids are neighbouring numbers
+ORDINAL_SPACES = ("box_coords",)
+
+
 def config_from_vocab(vocab: SharedVocab) -> dict:
-    """The vocabulary-derived fields of a model config: vocab_size, modalities, modality_ranges.
+    """The vocabulary-derived fields of a model config: vocab_size, modalities, modality_ranges,
+    ordinal_ranges (the id ranges of ``ORDINAL_SPACES``, for ``ordinal_sigma``).
 
     Sequence modalities may also emit [EOS] and the span-masking sentinels (their span-masked
     targets are ``<extra_id_k> tokens ...``)."""
@@ -37,7 +42,8 @@ def config_from_vocab(vocab: SharedVocab) -> dict:
             if vocab.num_sentinels:
                 spans.append([vocab.sentinel_id(0), vocab.sentinel_id(vocab.num_sentinels - 1) + 1])
         ranges[m] = spans
-    return {"vocab_size": vocab.size, "modalities": list(vocab.modalities), "modality_ranges": ranges}
+    ordinal = [[vocab.space_range(s).start, vocab.space_range(s).stop] for s in ORDINAL_SPACES if s in vocab.spaces]
+    return {"vocab_size": vocab.size, "modalities": list(vocab.modalities), "modality_ranges": ranges, "ordinal_ranges": ordinal}
 
 
 def make_config(source, overrides: list[str] | tuple = ()):

@@ -28,6 +28,11 @@ class TransformerConfig:
     modalities: list[str] = field(default_factory=list)
     # modality -> list of [start, stop) id ranges its tokens may take (EOS included for sequences)
     modality_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
+    # id ranges whose ids are ordered values (the box coordinate bins), from the vocabulary
+    ordinal_ranges: list[list[int]] = field(default_factory=list)
+    # > 0: a target id in ``ordinal_ranges`` is trained towards a Gaussian over its neighbours of
+    # this standard deviation in ids (``layers.ordinal_kl``) instead of the one id alone
+    ordinal_sigma: float = 0.0
     dim: int = 256
     n_heads: int = 4
     n_kv_heads: int = 4
@@ -49,8 +54,14 @@ class TransformerConfig:
             raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if not self.ordinal_sigma >= 0:
+            raise ValueError(f"ordinal_sigma must be >= 0, got {self.ordinal_sigma}")
         if self.mlp_hidden == 0:
             self.mlp_hidden = llama_mlp_hidden(self.dim)
+
+    def ordinal(self) -> tuple[list[list[int]], float] | None:
+        """(ordinal_ranges, ordinal_sigma) for the losses, or None when the soft targets are off."""
+        return (self.ordinal_ranges, self.ordinal_sigma) if self.ordinal_sigma > 0 and self.ordinal_ranges else None
 
     def block_config(self) -> BlockConfig:
         return BlockConfig(self.dim, self.n_heads, self.n_kv_heads, self.mlp_hidden, self.qk_norm, self.norm_eps, self.attention_backend)

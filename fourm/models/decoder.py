@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
+from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, ordinal_kl, rope_cos_sin, span_cross_entropy, token_cross_entropy, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -147,10 +147,12 @@ class DecoderLM(nn.Module, Pretrained):
         h = x[:, :-1].reshape(-1, x.shape[-1])[rows.index] if rows.layout is None else x[0][rows.layout.rows(rows.source)]
         y = rows.y[rows.index]
         if rows.groups is not None:
-            ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y, rows.groups, self.spans, self.allowed)
+            ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y, rows.groups, self.spans, self.allowed, self.config.ordinal())
         else:
             picked = self.lm_head(self.norm(h)).float()
             ce, lse = F.cross_entropy(picked, y, reduction="none"), torch.logsumexp(picked, dim=-1)
+            if self.config.ordinal() is not None:
+                ce = ordinal_kl(picked, 0, y, *self.config.ordinal(), ce)
         return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=lse, index=rows.index)
 
     def _logits_and_loss(self, x: torch.Tensor, labels, groups, logits_to_keep: int, logits_span, past_key_values) -> CausalLMOutput:
@@ -165,7 +167,7 @@ class DecoderLM(nn.Module, Pretrained):
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float()
-            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            loss = token_cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), self.config.ordinal())
             if self.config.z_loss:
                 loss = loss + z_loss(shifted[labels[:, 1:] != IGNORE_INDEX], self.config.z_loss)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)

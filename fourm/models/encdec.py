@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
 from fourm.models.decoder import init_weights
-from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, z_loss
+from fourm.models.layers import Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, span_cross_entropy, token_cross_entropy, z_loss
 from fourm.models.masks import bidirectional_mask, causal_mask, modality_decoder_mask, padding_mask
 from fourm.models.outputs import Seq2SeqOutput
 from fourm.models.pixel_stem import ConvPixelStem, scaled_pixels
@@ -260,7 +260,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         index = flat.nonzero()[:, 0][order]
         h = hidden[0][layout.rows(index)] if layout is not None else hidden.reshape(-1, hidden.shape[-1])[index]
         y = labels.reshape(-1)[index]
-        ce, lse = span_cross_entropy(self.lm_head, h, y, mods, self.spans, self.allowed)
+        ce, lse = span_cross_entropy(self.lm_head, h, y, mods, self.spans, self.allowed, self.config.ordinal())
         return {"ce": ce, "lse": lse, "index": index}
 
     def _dense_rows(self, encoder_out: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,7 +349,7 @@ class EncoderDecoder(nn.Module, Pretrained):
         if labels is not None:
             keep = labels != IGNORE_INDEX
             picked = logits[keep].float()
-            loss = F.cross_entropy(picked, labels[keep]) if picked.numel() else logits.sum() * 0.0
+            loss = token_cross_entropy(picked, labels[keep], self.config.ordinal()) if picked.numel() else logits.sum() * 0.0
             if self.config.z_loss and picked.numel():
                 loss = loss + z_loss(picked, self.config.z_loss)  # logsumexp ignores the -inf columns
         return Seq2SeqOutput(logits=logits, loss=loss, encoder_out=enc, **self._aux(enc, enc_dense_labels, stem))

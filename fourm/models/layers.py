@@ -419,14 +419,53 @@ def modality_tables(vocab_size: int, modalities: list[str], modality_ranges: dic
     return allowed, spans
 
 
-def span_cross_entropy(head: nn.Module, h: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, spans: list[tuple[int, int]], allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ordinal_targets(y: torch.Tensor, start: int, stop: int, sigma: float) -> torch.Tensor:
+    """Soft targets for ids that are ordered values (box coordinate bins): y (N,) ids in [start,
+    stop) -> (N, stop - start) a Gaussian over the range centred on each id, standard deviation
+    ``sigma`` ids, cut at the range's ends and normalised (one-hot as sigma -> 0)."""
+    j = torch.arange(start, stop, device=y.device, dtype=torch.float32)
+    return torch.softmax(-((j[None, :] - y[:, None].float()) ** 2) / (2 * sigma**2), dim=-1)
+
+
+def ordinal_kl(logits: torch.Tensor, lo: int, y: torch.Tensor, ranges: list[list[int]], sigma: float, ce: torch.Tensor) -> torch.Tensor:
+    """``ce`` (N,) with the rows whose target id ``y`` lies in one of ``ranges`` (ordered ids) replaced
+    by KL(q || softmax(logits)), q the ``ordinal_targets`` around y: a bin next to the true one costs
+    less than one far from it. logits (N, hi - lo) over ids [lo, hi); a range must lie inside it.
+    The KL is 0 at the soft target, as the cross-entropy is at the one-hot one."""
+    for start, stop in ranges:
+        inside = (y >= start) & (y < stop)
+        if not bool(inside.any()):
+            continue
+        if start < lo or stop > lo + logits.shape[-1]:
+            raise ValueError(f"ordinal id range [{start}, {stop}) is outside the logits' ids [{lo}, {lo + logits.shape[-1]})")
+        q = ordinal_targets(y[inside], start, stop, sigma)
+        rows = logits[inside]
+        logp = rows[:, start - lo : stop - lo] - torch.logsumexp(rows, dim=-1, keepdim=True)
+        kl = (q * (q.clamp_min(1e-12).log() - logp)).sum(-1)
+        ce = ce.masked_scatter(inside, kl)
+    return ce
+
+
+def token_cross_entropy(logits: torch.Tensor, y: torch.Tensor, ordinal: tuple[list[list[int]], float] | None = None) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) over the whole vocabulary against y (N,) (-100
+    ignored), with ``ordinal`` (id ranges, sigma) rows as ``ordinal_kl``."""
+    keep = y != -100
+    logits, y = logits[keep].float(), y[keep]
+    if not y.numel():
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, y, reduction="none")
+    return (ordinal_kl(logits, 0, y, *ordinal, ce) if ordinal is not None else ce).mean()
+
+
+def span_cross_entropy(head: nn.Module, h: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, spans: list[tuple[int, int]], allowed: torch.Tensor, ordinal: tuple[list[list[int]], float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each row of ``h`` with its softmax over its group's ids only: the output
     layer runs, per group, on that group's span of rows (``output_logits``), and ids in the span
     that the group does not allow are -inf.
 
     h (N, dim); y (N,) target ids; groups (N,) indices into ``spans`` / ``allowed`` (G, V), sorted
-    (rows of one group together). Returns (ce (N,), lse (N,) logsumexp of each row's logits, for
-    the z-loss), float32, in the rows' order."""
+    (rows of one group together); ``ordinal`` (id ranges, sigma): rows whose target lies in such a
+    range get ``ordinal_kl`` instead. Returns (ce (N,), lse (N,) logsumexp of each row's logits,
+    for the z-loss), float32, in the rows' order."""
     # ZeRO-3 gathers the output layer at each call: call it exactly once on every rank (ranks
     # hold different groups, and a rank may have none), then slice the columns
     full = head(h) if hasattr(head.weight, "ds_id") else None
@@ -440,7 +479,10 @@ def span_cross_entropy(head: nn.Module, h: torch.Tensor, y: torch.Tensor, groups
         ok = allowed[int(g), lo:hi]
         if not bool(ok.all()):
             logits = logits.masked_fill(~ok, float("-inf"))
-        ce.append(F.cross_entropy(logits, y[rows] - lo, reduction="none"))
+        row_ce = F.cross_entropy(logits, y[rows] - lo, reduction="none")
+        if ordinal is not None:
+            row_ce = ordinal_kl(logits, lo, y[rows], ordinal[0], ordinal[1], row_ce)
+        ce.append(row_ce)
         lse.append(torch.logsumexp(logits, dim=-1))
     if not ce:  # no labelled token: zeros that keep the graph (the output layer's too: DDP, ZeRO-3's gathers) whole
         zero = h.sum() * 0.0 + (full.sum() * 0.0 if full is not None else sum(p.sum() for p in head.parameters()) * 0.0)

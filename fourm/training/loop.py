@@ -39,6 +39,7 @@ from fourm.config import to_dict
 from fourm.data.object_labels import OBJECT_LABELS
 from fourm.data.shards import write_text_atomic
 from fourm.models.build import build_model
+from fourm.models.layers import ordinal_kl
 from fourm.models.grow import load_for_vocab
 from fourm.models.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.objectives.mixture import ObjectiveConfig
@@ -128,16 +129,19 @@ def lr_at(step: int, cfg: OptimConfig, total: int, min_progress: float = 0.0) ->
     return warmup_cosine(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
-def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: torch.Tensor, shift: bool, mode: str, z_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
+def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: torch.Tensor, shift: bool, mode: str, z_weight: float, ordinal: tuple[list[list[int]], float] | None = None) -> tuple[torch.Tensor, dict[int, float]]:
     """Loss and per-modality mean cross-entropy (modality index -> value, for logging).
 
-    ``shift``: decoder-only (logits at t predict labels at t + 1).
+    ``shift``: decoder-only (logits at t predict labels at t + 1); ``ordinal``: the model config's
+    ``ordinal()`` (soft targets for coordinate ids, ``fourm.models.layers.ordinal_kl``).
     """
     if shift:
         logits, labels, label_modality = logits[:, :-1], labels[:, 1:], label_modality[:, 1:]
     keep = labels != IGNORE_INDEX
     picked = logits[keep].float()
     ce = F.cross_entropy(picked, labels[keep], reduction="none")
+    if ordinal is not None:
+        ce = ordinal_kl(picked, 0, labels[keep], *ordinal, ce)
     return reduce_token_losses(ce, label_modality[keep], torch.logsumexp(picked, dim=-1) if z_weight else None, mode, z_weight)
 
 
