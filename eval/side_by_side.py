@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     setup_logging()
-    from fourm.eval.side_by_side import SideBySideConfig, parse_arm, plot_curves, run_side_by_side, summary_rows
+    from fourm.eval.side_by_side import SideBySideConfig, needs_judge, parse_arm, plot_curves, run_side_by_side, summary_rows
     from fourm.eval.suite import DIRECTIONS
 
     try:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                            tokenizers=str(demo / "tokenizers"), minutes=args.minutes, points=args.points, seeds=seeds or (0,), scenes=args.scenes,
                            directions=directions, base_overrides=tuple(args.sets))
     judge = None
-    if "caption_to_rgb" in directions:
+    if needs_judge(directions):
         from fourm.eval.judge import JudgeConfig, load_or_train_segmenter
         from fourm.tokenizers.tokenizer_set import TokenizerSet
 

@@ -13,6 +13,13 @@ from conftest import REPO, assert_usage_error, run_program
 TINY = ("model.dim=32", "model.enc_layers=1", "model.dec_layers=1", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "log_every=1")
 
 
+def test_the_judge_is_loaded_for_either_caption_to_rgb_score():
+    from fourm.eval.side_by_side import needs_judge
+
+    assert needs_judge(["rgb_to_depth", "caption_to_rgb_geneval"]) and needs_judge(("caption_to_rgb",))
+    assert not needs_judge(["rgb_to_depth", "rgb_to_boxes"])
+
+
 def test_parse_arm():
     from fourm.eval.side_by_side import Arm, parse_arm
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fourm.eval.suite import DIRECTIONS, SECONDARY, TARGETS
+from fourm.eval.suite import DIRECTIONS, GENEVAL, SECONDARY, TARGETS
 
 log = logging.getLogger(__name__)
 HEADLINE = {d: TARGETS[d][0] for d in DIRECTIONS}  # the figure a curve follows, per direction
@@ -30,6 +30,12 @@ HEADLINE = {d: TARGETS[d][0] for d in DIRECTIONS}  # the figure a curve follows,
 class Arm:
     name: str
     overrides: tuple[str, ...] = ()
+
+
+def needs_judge(directions: tuple[str, ...] | list[str]) -> bool:
+    """Whether the judge's segmenter scores any of these directions (caption -> rgb, all-or-nothing
+    or GenEval-style)."""
+    return bool({"caption_to_rgb", GENEVAL} & set(directions))
 
 
 def parse_arm(text: str) -> Arm:
