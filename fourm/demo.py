@@ -86,8 +86,8 @@ ENCDEC_DEMO_RECIPE = ("model.aux_labels=objects", f"model.aux_classes={len(CLASS
 
 @dataclass
 class DemoTrainConfig:
-    # 0: whatever the budget leaves once the stages before it have run, less the judge's minutes
-    # and eval.reserve_minutes (``model_minutes``): the same wall time on a slow machine as on a
+    # 0: whatever the budget leaves once the stages before it have run (the judge among them; its
+    # minutes are kept too when that stage is skipped) and eval.reserve_minutes (``model_minutes``): the same wall time on a slow machine as on a
     # fast one, and every minute the other stages save goes to the model; > 0: these minutes
     minutes: float = 0.0
     min_minutes: float = 1.0  # the least the model gets when the stages before it overran
@@ -102,9 +102,15 @@ class DemoEvalConfig:
     predict_steps: int = 1  # of rgb -> depth / semseg (greedy; EvalConfig.predict_steps)
     judge_minutes: float = 3.5  # the caption -> rgb judge's segmenter (trained once, then reused)
     judge_steps: int = 2000
-    # kept for the evaluation suite and the samples after the judge: 2.6 minutes on a 2-core AMD EPYC
+    # kept for the evaluation suite and the samples after the model: 2.6 minutes on a 2-core AMD EPYC
     # with AVX2 only, the slowest machine measured (2.5 left its demo 10 s over 30 minutes)
     reserve_minutes: float = 3.0
+    # ... or less, timed on the model's own steps (``TrainConfig.deadline``): the evaluation and the
+    # samples took 200-255 training steps' time on the three machines measured (2-core AMD EPYCs
+    # with AVX2 only and with AVX512-BF16), so the model trains on until these seconds plus this
+    # many of its steps' time are left, where that leaves it more than reserve_minutes would
+    reserve_seconds: float = 45.0
+    reserve_steps: float = 250.0
 
 
 @dataclass
@@ -129,7 +135,9 @@ class DemoConfig:
             raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
 
 
-STAGES = ("data", "inspect", "tokenizers", "pretokenize", "train", "evaluate", "samples")
+# the judge trains before the model: it needs only the data and the rgb tokenizer, and a judge
+# that ends before its minutes (its step cap, on a fast machine) leaves them to the model
+STAGES = ("data", "inspect", "tokenizers", "pretokenize", "judge", "train", "evaluate", "samples")
 
 
 def scale_to_budget(config: DemoConfig, minutes: float) -> DemoConfig:
@@ -266,6 +274,8 @@ def write_report(out: Path, config: DemoConfig, stages: dict, seconds: float, bu
         for name, rec in stages["tokenizers"].items():
             lines.append(f"| {name} | {rec.get('steps', '-')} | {rec.get('val', 'reused' if rec.get('reused') else '-')} | {rec.get('seconds', '-')} |")
         lines.append("")
+    if stages.get("judge") and not stages["judge"].get("reused"):
+        lines += ["## Judge", "", f"- the caption -> rgb judge's segmenter trained in {stages['judge']['seconds']} s", ""]
     if "train" in stages:
         rec = stages["train"]
         lines += ["## Model training", "", f"- {'reused' if rec.get('reused') else str(rec.get('steps')) + ' steps in ' + str(rec.get('minutes')) + ' minutes, ' + str(rec.get('tokens')) + ' tokens, ' + str(rec.get('seconds')) + ' s'}; last: {rec.get('last', {})}", ""]
@@ -357,9 +367,10 @@ def run_demo(config: DemoConfig, out: Path, started: float | None = None) -> dic
     began = time.time() if started is None else started
 
     def train_stage(config: DemoConfig, out: Path) -> dict:
-        return stage_train(config, out, model_minutes(config, time.time() - began, _judge_path(out).is_file()))
+        deadline = began + 60 * config.budget_minutes if config.train.minutes <= 0 else 0.0
+        return stage_train(config, out, model_minutes(config, time.time() - began, _judge_path(out).is_file()), deadline)
 
-    runners = {"data": stage_data, "inspect": stage_inspect, "tokenizers": stage_tokenizers, "pretokenize": stage_pretokenize, "train": train_stage, "evaluate": stage_evaluate, "samples": stage_samples}
+    runners = {"data": stage_data, "inspect": stage_inspect, "tokenizers": stage_tokenizers, "pretokenize": stage_pretokenize, "judge": stage_judge, "train": train_stage, "evaluate": stage_evaluate, "samples": stage_samples}
     stages = {}
     for name in STAGES:
         if name in config.stages:
@@ -418,7 +429,7 @@ def stage_pretokenize(config: DemoConfig, out: Path) -> dict:
     return report
 
 
-def stage_train(config: DemoConfig, out: Path, minutes: float) -> dict:
+def stage_train(config: DemoConfig, out: Path, minutes: float, deadline: float = 0.0) -> dict:
     """Train the any-to-any model for ``minutes`` (``model_minutes``); ``out/model`` is the final
     ``from_pretrained`` directory."""
     import shutil
@@ -432,7 +443,8 @@ def stage_train(config: DemoConfig, out: Path, minutes: float) -> dict:
     cfg_path = REPO / "configs" / "train" / f"tiny_{config.model}.yaml"
     recipe = list(ENCDEC_DEMO_RECIPE) if config.model == "encdec" else []
     log.info("the model trains %.2f minutes (%s)", minutes, "train.minutes" if config.train.minutes > 0 else f"what the {config.budget_minutes:g}-minute budget leaves")
-    overrides = [f"max_minutes={minutes}", f"max_steps={config.train.max_steps}", f"model_preset={REPO / 'configs' / 'models' / f'{config.model}_tiny.yaml'}", *recipe, *config.train.overrides]
+    timed = [f"deadline={deadline}", f"after_seconds={config.eval.reserve_seconds}", f"after_steps={config.eval.reserve_steps}"] if deadline else []
+    overrides = [f"max_minutes={minutes}", *timed, f"max_steps={config.train.max_steps}", f"model_preset={REPO / 'configs' / 'models' / f'{config.model}_tiny.yaml'}", *recipe, *config.train.overrides]
     cfg = load_config(TrainConfig, cfg_path, overrides)
     cfg.data.sources = [DataSource(path=str(out / "tokens" / "train"))]
     start = time.perf_counter()
@@ -440,7 +452,7 @@ def stage_train(config: DemoConfig, out: Path, minutes: float) -> dict:
     if (out / "model").exists():
         shutil.rmtree(out / "model")
     shutil.copytree(out / "train" / "final", out / "model")
-    return {"reused": False, "minutes": minutes, "steps": summary["steps"], "tokens": summary["tokens"], "last": summary["last"], "seconds": round(time.perf_counter() - start, 1)}
+    return {"reused": False, "minutes": cfg.max_minutes, "planned_minutes": minutes, "steps": summary["steps"], "tokens": summary["tokens"], "last": summary["last"], "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _judge_path(out: Path) -> Path:
@@ -448,10 +460,30 @@ def _judge_path(out: Path) -> Path:
     return out / "judge" / "segmenter.safetensors"
 
 
+def _judge_config(config: DemoConfig):
+    from fourm.eval.judge import JudgeConfig
+
+    return JudgeConfig(steps=config.eval.judge_steps, max_minutes=config.eval.judge_minutes)
+
+
+def stage_judge(config: DemoConfig, out: Path) -> dict:
+    """The caption -> rgb judge's segmenter (``fourm.eval.judge``), trained into ``out/judge`` on
+    the training split and the rgb tokenizer's round trips, or reused when it is there."""
+    from fourm.eval.judge import load_or_train_segmenter
+    from fourm.tokenizers.tokenizer_set import TokenizerSet
+
+    path = _judge_path(out)
+    if path.is_file():
+        return {"reused": True}
+    start = time.perf_counter()
+    load_or_train_segmenter(path, out / "data" / "train", _judge_config(config), tokenizers=TokenizerSet.from_pretrained(out / "tokenizers"))
+    return {"reused": False, "seconds": round(time.perf_counter() - start, 1)}
+
+
 def stage_evaluate(config: DemoConfig, out: Path) -> dict:
     """The evaluation suite (``fourm.eval.suite``) on held-out scenes, with the floors from the
     training split and the caption -> rgb judge (trained into ``out/judge`` once, then reused)."""
-    from fourm.eval.judge import JudgeConfig, load_or_train_segmenter
+    from fourm.eval.judge import load_or_train_segmenter
     from fourm.eval.suite import EvalConfig, check_targets, evaluate
     from fourm.generation.files import open_model
 
@@ -462,7 +494,7 @@ def stage_evaluate(config: DemoConfig, out: Path) -> dict:
         if previous.get("model_mtime_ns") == stamp:
             return {**previous, "reused": True}
     judge_path = _judge_path(out)
-    jcfg = JudgeConfig(steps=config.eval.judge_steps, max_minutes=config.eval.judge_minutes)
+    jcfg = _judge_config(config)
     model, tok = open_model(out / "model", out / "tokenizers")
     judge = load_or_train_segmenter(judge_path, out / "data" / "train", jcfg, tokenizers=tok)
     report, _ = evaluate(model, tok, out / "data" / "val", EvalConfig(scenes=config.eval.scenes, steps=config.eval.steps, predict_steps=config.eval.predict_steps, judge=jcfg), train_dir=out / "data" / "train", judge=judge)

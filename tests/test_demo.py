@@ -20,7 +20,9 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"data", "inspect", "tokenizers", "pretokenize", "train", "evaluate", "samples"}
+    assert set(stages) == {"data", "inspect", "tokenizers", "pretokenize", "judge", "train", "evaluate", "samples"}
+    # the judge trains before the model, so that the minutes it does not use go to the model
+    assert not stages["judge"]["reused"] and (out / "judge" / "segmenter.safetensors").stat().st_mtime_ns < (out / "model" / "model.safetensors").stat().st_mtime_ns
     assert stages["data"]["train"]["num_samples"] == 48 and not stages["data"]["train"]["reused"]
     ins = stages["inspect"]
     assert ins["val_samples_read"] == 16 and ins["skipped"]["total"] == 0 and sum(ins["boxes_per_scene"].values()) == 16
@@ -45,7 +47,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     proc = run_program("launch/demo.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = json.loads((out / "report.json").read_text())["stages"]
-    assert stages["data"]["train"]["reused"] and stages["train"]["reused"] and stages["pretokenize"]["train"]["reused"] and stages["evaluate"]["reused"]
+    assert stages["data"]["train"]["reused"] and stages["train"]["reused"] and stages["pretokenize"]["train"]["reused"] and stages["evaluate"]["reused"] and stages["judge"]["reused"]
     assert all(rec["reused"] for rec in stages["tokenizers"].values())
     assert (out / "data" / "train" / "shard-000000.tar").stat().st_mtime_ns == mtime
 

@@ -471,3 +471,35 @@ def test_muon_trains(token_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = _metrics(out)
     assert m[-1]["loss"] < 0.8 * m[0]["loss"]
+
+
+def test_deadline_minutes_only_ever_lengthen_the_run():
+    from fourm.training.loop import deadline_minutes
+
+    # 600 s left; keep 45 s + 250 steps of 0.2 s after training: 505 s more, 1 minute done
+    assert deadline_minutes(5.0, 60.0, 1000.0, 1600.0, 45.0, 250.0, 0.2) == pytest.approx((60 + 505) / 60)
+    assert deadline_minutes(5.0, 60.0, 1000.0, 1200.0, 45.0, 250.0, 0.2) == 5.0  # too little left: as planned
+    assert deadline_minutes(5.0, 60.0, 1000.0, 1600.0, 45.0, 250.0, 2.0) == 5.0  # slow steps keep more back
+
+
+def test_a_run_with_a_deadline_times_its_steps_and_trains_on(token_dir, tmp_path, monkeypatch, caplog):
+    """Once its steps are timed, a run whose deadline leaves room trains past its max_minutes; one
+    whose deadline does not keeps them (the step cap ends both runs here)."""
+    import logging
+    import time
+
+    from fourm.training import loop
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(loop, "DEADLINE_TIMED", (1, 3))
+    far = _tiny_cfg(token_dir, "bf16=false", "max_steps=4", "max_minutes=30", f"deadline={time.time() + 7200}", "after_steps=10", "after_seconds=60")
+    with caplog.at_level(logging.INFO, logger="fourm.training.loop"):
+        loop.train(far, tmp_path / "far", progress=False)
+    assert far.max_minutes > 100 and "instead of 30.00" in caplog.text
+    near = _tiny_cfg(token_dir, "bf16=false", "max_steps=4", "max_minutes=30", f"deadline={time.time() + 60}", "after_steps=10", "after_seconds=60")
+    loop.train(near, tmp_path / "near", progress=False)
+    assert near.max_minutes == 30
+    from fourm.cli import UsageError
+
+    with pytest.raises(UsageError, match="deadline needs a max_minutes"):
+        _tiny_cfg(token_dir, f"deadline={time.time()}")

@@ -87,6 +87,14 @@ class TrainConfig:
     # > 0 (with max_minutes): also write OUT/snapshots/min-M.MM/, a from_pretrained directory with its
     # snapshot.json (step, tokens, minutes), each time this many training minutes pass: a curve's points
     snapshot_every_minutes: float = 0.0
+    # a deadline for training and the work after it (make demo's budget): > 0 (with max_minutes),
+    # the wall-clock time (seconds since the epoch) by which both must be done. Once the run's own
+    # steps have been timed (``deadline_minutes``), max_minutes grows so that training ends
+    # ``after_seconds`` + ``after_steps`` of its step times before the deadline, where that is later
+    # than max_minutes would end it; it never shrinks
+    deadline: float = 0.0
+    after_steps: float = 0.0
+    after_seconds: float = 0.0
 
     def model_spec(self) -> dict:
         """The model config: the preset YAML with ``model`` on top."""
@@ -105,9 +113,21 @@ class TrainConfig:
             raise ValueError("max_bad_steps must be >= 0")
         if self.snapshot_every_minutes < 0 or (self.snapshot_every_minutes and not self.max_minutes):
             raise ValueError("snapshot_every_minutes must be >= 0, and > 0 only with a max_minutes budget")
+        if min(self.deadline, self.after_steps, self.after_seconds) < 0 or (self.deadline and not self.max_minutes):
+            raise ValueError("deadline, after_steps and after_seconds must be >= 0, and a deadline needs a max_minutes budget")
 
 
 PROBE_BATCHES = 9  # the precision probe's warm-up batch and eight timed ones (shapes vary by batch)
+# steps of a run timed for its deadline (``TrainConfig.deadline``): after the precision trial's 70
+DEADLINE_TIMED = (100, 160)
+
+
+def deadline_minutes(max_minutes: float, elapsed: float, now: float, deadline: float, after_seconds: float, after_steps: float, step_seconds: float) -> float:
+    """A time-budgeted run's minutes given its deadline: ``max_minutes``, or more where the run can
+    go on until ``after_seconds + after_steps * step_seconds`` before ``deadline`` (``now`` and
+    ``deadline`` in seconds since the epoch, ``elapsed`` seconds of the run so far)."""
+    left = deadline - now - after_seconds - after_steps * step_seconds
+    return max(max_minutes, (elapsed + left) / 60)
 AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "float32": None}  # as checkpoints record the run's precision
 
 
@@ -274,6 +294,8 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
     tf = _time_fraction(cfg, start_time)  # measured once per step (a collective under torch.distributed)
     faults = _injected_faults()
     next_snapshot = cfg.snapshot_every_minutes
+    timed = [start_step + n for n in DEADLINE_TIMED] if cfg.deadline and start_step == 0 else []
+    timed_start = 0.0
     try:
         while done.step < cfg.max_steps and not (cfg.max_tokens and done.tokens >= cfg.max_tokens) and tf < 1.0:
             lr = _step_lr(cfg, done.step, start_step, tf)
@@ -291,6 +313,11 @@ def _train(cfg: TrainConfig, out: Path, deepspeed_config: str | None, resume: bo
             report.bar.update()
             report.window_tokens += seen
             diverged = _count_bad_step(run, done, applied)
+            if timed and done.step == timed[0]:
+                timed_start = time.perf_counter()
+            elif timed and done.step == timed[1]:
+                _extend_to_deadline(cfg, start_time, (time.perf_counter() - timed_start) / (timed[1] - timed[0]))
+                timed = []
             tf = _time_fraction(cfg, start_time)
             if done.step % cfg.log_every == 0 or done.step == cfg.max_steps or tf >= 1.0 or diverged:
                 report.log(done, lr, losses, mod_losses)
@@ -474,6 +501,19 @@ def _keep_trial(run: _Run, trial: StepTrial) -> None:
 
 
 # -- one step ----------------------------------------------------------------------------------------
+
+
+def _extend_to_deadline(cfg: TrainConfig, start_time: float, step_seconds: float) -> None:
+    """``cfg.max_minutes`` lengthened to ``deadline_minutes`` (the least over ranks: every rank must
+    stop at the same step), logged."""
+    minutes = deadline_minutes(cfg.max_minutes, time.perf_counter() - start_time, time.time(), cfg.deadline, cfg.after_seconds, cfg.after_steps, step_seconds)
+    if dist.is_initialized():
+        t = torch.tensor([minutes])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        minutes = float(t)
+    if minutes > cfg.max_minutes:
+        log.info("a step takes %.3f s: the run trains %.2f minutes instead of %.2f and ends %.0f s + %g steps' time before its deadline", step_seconds, minutes, cfg.max_minutes, cfg.after_seconds, cfg.after_steps)
+        cfg.max_minutes = round(minutes, 3)
 
 
 def _time_fraction(cfg: TrainConfig, start_time: float) -> float:
