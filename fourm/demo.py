@@ -87,8 +87,9 @@ ENCDEC_DEMO_RECIPE = ("model.aux_labels=objects", f"model.aux_classes={len(CLASS
 @dataclass
 class DemoTrainConfig:
     # 0: whatever the budget leaves once the stages before it have run (the judge among them; its
-    # minutes are kept too when that stage is skipped) and eval.reserve_minutes (``model_minutes``): the same wall time on a slow machine as on a
-    # fast one, and every minute the other stages save goes to the model; > 0: these minutes
+    # minutes are kept too when that stage is skipped) and eval.reserve_minutes (``model_minutes``):
+    # the same wall time on a slow machine as on a fast one, and every minute the other stages save
+    # goes to the model; > 0: these minutes
     minutes: float = 0.0
     min_minutes: float = 1.0  # the least the model gets when the stages before it overran
     max_steps: int = 5000

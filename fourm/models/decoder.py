@@ -12,10 +12,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fourm.models.config import TransformerConfig
-from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, ordinal_kl, rope_cos_sin, span_cross_entropy, token_cross_entropy, z_loss
+from fourm.models.layers import CAUSAL, Block, KVCache, RMSNorm, Unpadded, modality_tables, output_logits, rope_cos_sin, row_cross_entropy, span_cross_entropy, token_cross_entropy, z_loss
 from fourm.models.masks import causal_mask, padding_mask, prefix_lm_mask
 from fourm.models.outputs import CausalLMOutput
 from fourm.models.pretrained import Pretrained
@@ -150,9 +149,7 @@ class DecoderLM(nn.Module, Pretrained):
             ce, lse = span_cross_entropy(self.lm_head, self.norm(h), y, rows.groups, self.spans, self.allowed, self.config.ordinal())
         else:
             picked = self.lm_head(self.norm(h)).float()
-            ce, lse = F.cross_entropy(picked, y, reduction="none"), torch.logsumexp(picked, dim=-1)
-            if self.config.ordinal() is not None:
-                ce = ordinal_kl(picked, 0, y, *self.config.ordinal(), ce)
+            ce, lse = row_cross_entropy(picked, y, self.config.ordinal()), torch.logsumexp(picked, dim=-1)
         return CausalLMOutput(logits=None, loss=None, past_key_values=past_key_values, ce=ce, lse=lse, index=rows.index)
 
     def _logits_and_loss(self, x: torch.Tensor, labels, groups, logits_to_keep: int, logits_span, past_key_values) -> CausalLMOutput:

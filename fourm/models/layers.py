@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fourm.sequence import IGNORE_INDEX
+
 ATTENTION_BACKENDS = ("sdpa", "reference", "xformers")
 
 
@@ -446,15 +448,22 @@ def ordinal_kl(logits: torch.Tensor, lo: int, y: torch.Tensor, ranges: list[list
     return ce
 
 
+def row_cross_entropy(logits: torch.Tensor, y: torch.Tensor, ordinal: tuple[list[list[int]], float] | None = None, lo: int = 0) -> torch.Tensor:
+    """Cross-entropy of each row of logits (N, V), whose columns are ids [lo, lo + V), against
+    its target id y (N,); with ``ordinal`` (id ranges, sigma) the rows whose target lies in such a
+    range get ``ordinal_kl`` instead. Returns (N,)."""
+    ce = F.cross_entropy(logits, y - lo, reduction="none")
+    return ordinal_kl(logits, lo, y, *ordinal, ce) if ordinal is not None else ce
+
+
 def token_cross_entropy(logits: torch.Tensor, y: torch.Tensor, ordinal: tuple[list[list[int]], float] | None = None) -> torch.Tensor:
-    """Mean cross-entropy of logits (N, V) over the whole vocabulary against y (N,) (-100
-    ignored), with ``ordinal`` (id ranges, sigma) rows as ``ordinal_kl``."""
-    keep = y != -100
+    """Mean ``row_cross_entropy`` of logits (N, V) over the whole vocabulary against y (N,)
+    (IGNORE_INDEX rows left out)."""
+    keep = y != IGNORE_INDEX
     logits, y = logits[keep].float(), y[keep]
     if not y.numel():
         return logits.sum() * 0.0
-    ce = F.cross_entropy(logits, y, reduction="none")
-    return (ordinal_kl(logits, 0, y, *ordinal, ce) if ordinal is not None else ce).mean()
+    return row_cross_entropy(logits, y, ordinal).mean()
 
 
 def span_cross_entropy(head: nn.Module, h: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, spans: list[tuple[int, int]], allowed: torch.Tensor, ordinal: tuple[list[list[int]], float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,10 +488,7 @@ def span_cross_entropy(head: nn.Module, h: torch.Tensor, y: torch.Tensor, groups
         ok = allowed[int(g), lo:hi]
         if not bool(ok.all()):
             logits = logits.masked_fill(~ok, float("-inf"))
-        row_ce = F.cross_entropy(logits, y[rows] - lo, reduction="none")
-        if ordinal is not None:
-            row_ce = ordinal_kl(logits, lo, y[rows], ordinal[0], ordinal[1], row_ce)
-        ce.append(row_ce)
+        ce.append(row_cross_entropy(logits, y[rows], ordinal, lo))
         lse.append(torch.logsumexp(logits, dim=-1))
     if not ce:  # no labelled token: zeros that keep the graph (the output layer's too: DDP, ZeRO-3's gathers) whole
         zero = h.sum() * 0.0 + (full.sum() * 0.0 if full is not None else sum(p.sum() for p in head.parameters()) * 0.0)

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -39,8 +38,8 @@ from fourm.config import to_dict
 from fourm.data.object_labels import OBJECT_LABELS
 from fourm.data.shards import write_text_atomic
 from fourm.models.build import build_model
-from fourm.models.layers import ordinal_kl
 from fourm.models.grow import load_for_vocab
+from fourm.models.layers import row_cross_entropy
 from fourm.models.lora import LoraSettings, apply_lora, save_adapter, trainable_parameters
 from fourm.objectives.mixture import ObjectiveConfig
 from fourm.precision import StepTrial
@@ -120,14 +119,6 @@ class TrainConfig:
 PROBE_BATCHES = 9  # the precision probe's warm-up batch and eight timed ones (shapes vary by batch)
 # steps of a run timed for its deadline (``TrainConfig.deadline``): after the precision trial's 70
 DEADLINE_TIMED = (100, 160)
-
-
-def deadline_minutes(max_minutes: float, elapsed: float, now: float, deadline: float, after_seconds: float, after_steps: float, step_seconds: float) -> float:
-    """A time-budgeted run's minutes given its deadline: ``max_minutes``, or more where the run can
-    go on until ``after_seconds + after_steps * step_seconds`` before ``deadline`` (``now`` and
-    ``deadline`` in seconds since the epoch, ``elapsed`` seconds of the run so far)."""
-    left = deadline - now - after_seconds - after_steps * step_seconds
-    return max(max_minutes, (elapsed + left) / 60)
 AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "float32": None}  # as checkpoints record the run's precision
 
 
@@ -159,9 +150,7 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_modality: tor
         logits, labels, label_modality = logits[:, :-1], labels[:, 1:], label_modality[:, 1:]
     keep = labels != IGNORE_INDEX
     picked = logits[keep].float()
-    ce = F.cross_entropy(picked, labels[keep], reduction="none")
-    if ordinal is not None:
-        ce = ordinal_kl(picked, 0, labels[keep], *ordinal, ce)
+    ce = row_cross_entropy(picked, labels[keep], ordinal)
     return reduce_token_losses(ce, label_modality[keep], torch.logsumexp(picked, dim=-1) if z_weight else None, mode, z_weight)
 
 
@@ -501,6 +490,14 @@ def _keep_trial(run: _Run, trial: StepTrial) -> None:
 
 
 # -- one step ----------------------------------------------------------------------------------------
+
+
+def deadline_minutes(max_minutes: float, elapsed: float, now: float, deadline: float, after_seconds: float, after_steps: float, step_seconds: float) -> float:
+    """A time-budgeted run's minutes given its deadline: ``max_minutes``, or more where the run can
+    go on until ``after_seconds + after_steps * step_seconds`` before ``deadline`` (``now`` and
+    ``deadline`` in seconds since the epoch, ``elapsed`` seconds of the run so far)."""
+    left = deadline - now - after_seconds - after_steps * step_seconds
+    return max(max_minutes, (elapsed + left) / 60)
 
 
 def _extend_to_deadline(cfg: TrainConfig, start_time: float, step_seconds: float) -> None:
